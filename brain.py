@@ -1,0 +1,727 @@
+"""BRAIn: Bayesian Reward-conditioned Amortized Inference, a minimal reference.
+
+Pandey et al., "BRAIn: Bayesian Reward-conditioned Amortized Inference for natural language
+generation from feedback", ICML 2024 (arXiv 2402.02479).
+
+BRAIn aligns a language model q_theta with a reward model r by distilling the posterior
+
+    p(y | x, G=1)  proportional to  p_sft(y|x) * exp(r(x, y) / beta)
+
+into q_theta, with self-normalised importance sampling from a proposal q' and a
+self-normalised baseline. This file reads top to bottom in the paper's order:
+
+    1. the posterior              (paper §4)
+    2. the importance weights     (paper §4)
+    3. the BRAIn loss / baseline  (paper §4, Theorem 4.2; authors' code)
+    4. connections: DPG, GDC++, DPO (paper §5)
+    5. language-model plumbing: log-probs and sampling
+    6. training                   (our choices, where the paper's text was not available)
+    7. evaluation                 (exact, by enumeration, on the embedded world)
+    8. the embedded toy world     (not part of the method: a tiny GPT-2 and a review reward)
+    9. the command line
+
+Comments say which parts are from the paper, from the authors' public toy code, and our own
+choice. This is a teaching reference, not a library.
+
+    python brain.py                   # BRAIn on the embedded world, about 40 s on a laptop CPU
+    python brain.py --method gdcpp    # the same run with GDC++'s estimator
+"""
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+METHODS = ("brain", "dpg", "gdcpp", "dpo")
+
+
+# ------------------------------------------------------------------------------------------
+# Hyperparameters (one place, one line each)
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    method: str = "brain"  # which estimator trains the policy: brain, dpg, gdcpp or dpo
+    steps: int = 200  # optimizer steps
+    prompts_per_step: int = 16  # B: prompts per step, drawn uniformly with replacement
+    n_samples: int = 8  # n: completions sampled per prompt (n >= 2)
+    beta: float = 1.0  # posterior temperature: log p(G=1|x,y) = r(x,y)/beta
+    lr: float = 1e-3  # Adam learning rate of the policy
+    refresh_every: int = 0  # K: proposal := copy of the policy every K steps (0: the SFT model)
+    dpo_labels: str = "argmax"  # DPO pairs: "argmax" (best vs worst) or "bt" (Bradley-Terry coin)
+    seed: int = 0  # the one seed: corpus, SFT pretraining, sampling
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    sft_steps: int = 300  # embedded world: Adam steps that pretrain the SFT prior
+    sft_batch: int = 256  # embedded world: sequences per SFT pretraining step
+
+    def validate(self):
+        """A clear message for each bad hyperparameter, before any work starts."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
+        if self.n_samples < 2:
+            raise ValueError(f"n_samples must be >= 2 (self-normalisation needs two samples), got {self.n_samples}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0 (0: the proposal stays the SFT model), got {self.refresh_every}")
+        if self.dpo_labels not in ("argmax", "bt"):
+            raise ValueError(f"dpo_labels must be 'argmax' or 'bt', got {self.dpo_labels!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+        if self.sft_steps < 1 or self.sft_batch < 1:
+            raise ValueError("sft_steps and sft_batch must be >= 1")
+        return self
+
+
+def _check_scores(name, x, dims=2):
+    """Shape (B, n) with n >= 2 and finite values: the estimators' common input contract."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a torch tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have shape (B, n): B prompts, n samples each; got shape {tuple(x.shape)}")
+    if x.shape[-1] < 2:
+        raise ValueError(f"{name}: need n >= 2 samples per prompt, got n = {x.shape[-1]}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf (check the reward model and the log-probs)")
+
+
+def _check_same_shape(**named):
+    shapes = {k: tuple(v.shape) for k, v in named.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shapes differ: {shapes}")
+
+
+# ------------------------------------------------------------------------------------------
+# 1. The reward-conditioned posterior (paper §4)
+# ------------------------------------------------------------------------------------------
+def log_goodness(reward, beta):
+    """log p(G=1 | x, y). Our choice, following the paper's Bradley-Terry case: r/beta.
+
+    Any log-likelihood of "good" gives a valid Bayesian posterior: swap this line for,
+    e.g., log 1[y satisfies c] (GDC's target) and everything below works unchanged."""
+    return reward / beta
+
+
+def log_posterior(sft_logp, reward, beta):
+    """Unnormalised log p(y | x, G=1) = log p_sft(y|x) + log p(G=1|x,y)   (paper §4, Bayes' rule).
+
+    With log p(G=1|x,y) = r/beta this is the optimum of KL-regularised reward maximisation
+    (the PPO-optimal policy). log Z(x) is left out: it cancels under self-normalisation."""
+    return sft_logp + log_goodness(reward, beta)
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Self-normalised importance weights (paper §4)
+#    For n samples y_1..y_n ~ q'(.|x) of one prompt, in log space:
+#      log alpha_i = log p~(y_i|x,G=1) - log q'(y_i|x)    alpha_hat = softmax_i(log alpha)
+#      log b_i     = log q_theta(y_i|x) - log q'(y_i|x)   beta_hat  = softmax_i(log b)
+#    Tensors are (B, n): B prompts, n samples each; the softmax runs over the n samples.
+# ------------------------------------------------------------------------------------------
+def alpha_hat(proposal_logp, target_logp):
+    """Self-normalised importance weights of the posterior (the targets), shape (B, n)."""
+    return torch.softmax(target_logp - proposal_logp, dim=-1)
+
+
+def beta_hat(policy_logp, proposal_logp):
+    """Self-normalised importance weights of the policy q_theta, shape (B, n)."""
+    return torch.softmax(policy_logp - proposal_logp, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# 3. The BRAIn loss and its self-normalised baseline (paper §4, Theorem 4.2; authors' code)
+# ------------------------------------------------------------------------------------------
+def brain_loss(policy_logp, proposal_logp, target_logp):
+    """L = KL(alpha_hat || beta_hat(theta)), averaged over prompts. Differentiable through policy_logp only.
+
+    Authors' code (gradient_estimators.py): the ascent direction is
+        sum_i (alpha_hat_i - beta_hat_i) grad log q_theta(y_i|x),
+    where sum_i beta_hat_i grad log q_theta(y_i) is the self-normalised baseline, an estimate of
+    E_q[grad log q] = 0. Our choice: write it as a loss. With alpha_hat held constant,
+        -grad KL(alpha_hat || beta_hat) = sum_i alpha_hat_i grad log beta_hat_i
+                                        = sum_i (alpha_hat_i - beta_hat_i) grad log q_theta(y_i),
+    so the loss is a cross-entropy between two softmaxes over the n samples (test_brain.py checks it).
+    Paper, Theorem 4.2: its gradient is unbiased for the self-normalised KL E[KL(alpha_hat||beta_hat)],
+    which is 0 if and only if q_theta is the posterior."""
+    _check_scores("policy_logp", policy_logp)
+    _check_scores("proposal_logp", proposal_logp)
+    _check_scores("target_logp", target_logp)
+    _check_same_shape(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
+    proposal_logp, target_logp = proposal_logp.detach(), target_logp.detach()
+    log_a = torch.log_softmax(target_logp - proposal_logp, dim=-1)  # log alpha_hat (constant)
+    log_b = torch.log_softmax(policy_logp - proposal_logp, dim=-1)  # log beta_hat(theta)
+    return (log_a.exp() * (log_a - log_b)).sum(-1).mean()
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Connections (paper §5). Same samples, same alpha_hat; only the baseline differs:
+#      DPG    weight alpha_hat_i                 (no baseline; Khalifa et al. 2021)
+#      GDC++  weight alpha_hat_i - b_i / n       (unnormalised baseline; Korbak et al. 2022)
+#      BRAIn  weight alpha_hat_i - beta_hat_i    (self-normalised baseline)
+#    Each loss is -sum_i w_i log q_theta(y_i) with w held constant, so its gradient is the
+#    estimator; the loss values themselves are not comparable across methods.
+# ------------------------------------------------------------------------------------------
+def _target_weights(proposal_logp, target_logp, log_z):
+    """alpha_hat (Z estimated from the same samples), or plain importance weights
+    exp(log p~ - log Z - log q') / n when log Z is given (known, or a running estimate)."""
+    if log_z is None:
+        return alpha_hat(proposal_logp, target_logp)
+    log_z = torch.as_tensor(log_z, dtype=target_logp.dtype, device=target_logp.device)
+    if log_z.dim() == 1:
+        if log_z.shape[0] != target_logp.shape[0]:
+            raise ValueError(f"log_z must be a scalar or have shape (B,) = ({target_logp.shape[0]},), got {tuple(log_z.shape)}")
+        log_z = log_z[:, None]
+    elif log_z.dim() != 0:
+        raise ValueError(f"log_z must be a scalar or have shape (B,), got {tuple(log_z.shape)}")
+    if not torch.isfinite(log_z).all():
+        raise ValueError("log_z contains NaN or inf")
+    n = target_logp.shape[-1]
+    return torch.exp(target_logp - log_z - proposal_logp) / n
+
+
+def _weighted_logp_loss(weights, policy_logp):
+    return -(weights.detach() * policy_logp).sum(-1).mean()
+
+
+def dpg_loss(policy_logp, proposal_logp, target_logp, log_z=None):
+    """DPG: ascent direction sum_i w_i grad log q_theta(y_i), no baseline ("BRAIn without baseline").
+    Khalifa et al. (ICLR 2021) §2.3 and the authors' code; w_i = alpha_hat_i, or the plain
+    importance weight when log_z (shape (B,) or scalar) is given."""
+    for name, x in (("policy_logp", policy_logp), ("proposal_logp", proposal_logp), ("target_logp", target_logp)):
+        _check_scores(name, x)
+    _check_same_shape(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
+    w = _target_weights(proposal_logp.detach(), target_logp.detach(), log_z)
+    return _weighted_logp_loss(w, policy_logp)
+
+
+def gdcpp_loss(policy_logp, proposal_logp, target_logp, log_z=None):
+    """GDC++: ascent direction sum_i (w_i - b_i / n) grad log q_theta(y_i), b_i = q_theta(y_i)/q'(y_i)
+    unnormalised (Korbak et al., NeurIPS 2022, Alg. 1; the authors' code). On-policy b_i = 1 and
+    this equals BRAIn; off-policy it does not."""
+    for name, x in (("policy_logp", policy_logp), ("proposal_logp", proposal_logp), ("target_logp", target_logp)):
+        _check_scores(name, x)
+    _check_same_shape(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
+    proposal_logp, target_logp = proposal_logp.detach(), target_logp.detach()
+    w = _target_weights(proposal_logp, target_logp, log_z)
+    b = torch.exp(policy_logp.detach() - proposal_logp)
+    return _weighted_logp_loss(w - b / policy_logp.shape[-1], policy_logp)
+
+
+def dpo_loss(policy_logp, ref_logp, reward, beta=1.0, labels="argmax"):
+    """DPO (Rafailov et al. 2023) on one pair per prompt:
+        L = -log sigmoid(beta * [(log q(y_w) - log ref(y_w)) - (log q(y_l) - log ref(y_l))]).
+
+    labels="argmax": y_w, y_l = the best and the worst of the n samples by reward. Paper §5:
+        with n = 2, proposal = SFT = ref and beta = 1 this is BRAIn with alpha_hat replaced by a
+        one-hot on the winner (an argmax in place of the softmax). With a deterministic reward it
+        over-optimises: the target is no longer the posterior. Ties (all rewards equal) give a
+        pair of one sample with itself: loss log 2, zero gradient.
+    labels="bt" (our choice): the first two samples, labelled by a Bradley-Terry coin flip,
+        P(y_1 wins) = sigmoid(r_1 - r_2), reading the reward as a BT logit. DPO's optimum is then
+        ref * exp(r / beta): the same posterior as BRAIn's at the same beta."""
+    _check_scores("policy_logp", policy_logp)
+    _check_scores("ref_logp", ref_logp)
+    _check_scores("reward", reward)
+    _check_same_shape(policy_logp=policy_logp, ref_logp=ref_logp, reward=reward)
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"DPO beta must be a finite number > 0, got {beta}")
+    reward = reward.detach()
+    if labels == "argmax":
+        win, lose = reward.argmax(-1, keepdim=True), reward.argmin(-1, keepdim=True)
+    elif labels == "bt":
+        first_wins = torch.rand(reward.shape[0], 1, device=reward.device) < torch.sigmoid(reward[:, :1] - reward[:, 1:2])
+        win, lose = torch.where(first_wins, 0, 1), torch.where(first_wins, 1, 0)
+    else:
+        raise ValueError(f"labels must be 'argmax' or 'bt', got {labels!r}")
+    h = policy_logp - ref_logp.detach()  # implicit reward / beta of the policy
+    margin = h.gather(-1, win) - h.gather(-1, lose)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def method_loss(method, policy_logp, proposal_logp, sft_logp, reward, beta, dpo_labels="argmax", log_z=None):
+    """The loss of one method on one batch of (B, n) scores: the training loop's single entry point."""
+    if method == "dpo":  # DPO-sft: the SFT model is DPO's reference
+        return dpo_loss(policy_logp, sft_logp, reward, beta=beta, labels=dpo_labels)
+    target_logp = log_posterior(sft_logp, reward, beta)
+    if method == "brain":
+        return brain_loss(policy_logp, proposal_logp, target_logp)
+    if method == "dpg":
+        return dpg_loss(policy_logp, proposal_logp, target_logp, log_z)
+    if method == "gdcpp":
+        return gdcpp_loss(policy_logp, proposal_logp, target_logp, log_z)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Language-model plumbing: sequence log-probs and exact sampling
+#    Sequences are [prompt | completion]; prompts are left-padded, completions right-padded.
+# ------------------------------------------------------------------------------------------
+def _positions(attention_mask):
+    """Position ids that skip left padding (so a padded prompt is read like an unpadded one)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _eos_id(model, eos_token_id):
+    if eos_token_id is not None:
+        return eos_token_id
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    return eos[0] if isinstance(eos, (list, tuple)) else eos
+
+
+def sequence_logprobs(model, input_ids, attention_mask, completion_mask, eos_token_id=None):
+    """log q(y|x) = sum_t log q(y_t | x, y_<t) over completion tokens, in fp32 (as the DPO reference code).
+
+    input_ids, attention_mask, completion_mask: (N, L). completion_mask is 1 on completion tokens;
+    prompt and padding are 0. Everything after the first EOS of the completion is masked too
+    (the EOS itself counts); eos_token_id defaults to model.config.eos_token_id. Returns (N,)."""
+    if completion_mask[:, 0].any():
+        raise ValueError("completion_mask[:, 0] must be 0: the first token has no prediction (the prompt cannot be empty)")
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask)).logits
+    logits = logits[:, :-1].float()  # position t predicts token t+1
+    targets = input_ids[:, 1:]
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    mask = completion_mask[:, 1:].bool()
+    eos = _eos_id(model, eos_token_id)
+    if eos is not None:
+        is_eos = (targets == eos) & mask
+        mask = mask & ((is_eos.long().cumsum(-1) - is_eos.long()) == 0)  # drop tokens after the first EOS
+    return torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(-1)
+
+
+@torch.no_grad()
+def sample_completions(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id=None):
+    """Draw one completion per row exactly from the model: temperature 1, no top-k/top-p
+    (any truncation would make the importance weights wrong). Batched, with the KV cache.
+
+    prompt_ids, prompt_mask: (N, P), left-padded. Returns completion ids (N, T), completion
+    mask (N, T) (1 up to and including the first EOS) and log q(y|x) of each draw (N,), fp32:
+    the log-probs the draws were made with, so the proposal needs no second forward pass."""
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    n = prompt_ids.shape[0]
+    attn = prompt_mask.long()
+    pos = _positions(attn)
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    next_pos = pos[:, -1:] + 1
+    alive = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
+    logp_sum = torch.zeros(n, device=prompt_ids.device)
+    tokens, masks = [], []
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        tok = torch.multinomial(logp.exp(), 1).squeeze(-1)
+        tok = torch.where(alive, tok, torch.full_like(tok, pad))
+        logp_sum += torch.where(alive, logp.gather(-1, tok[:, None]).squeeze(-1), torch.zeros_like(logp_sum))
+        tokens.append(tok)
+        masks.append(alive.long())
+        alive = alive & (tok != eos_token_id)
+        if t + 1 == max_new_tokens:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=out.cache, use_cache=True)
+        next_pos = next_pos + 1
+    return torch.stack(tokens, 1), torch.stack(masks, 1), logp_sum
+
+
+def join(prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """[prompt | completion] as (input_ids, attention_mask, completion_mask) for sequence_logprobs."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)
+    full_completion_mask = torch.cat([torch.zeros_like(prompt_mask.long()), completion_mask.long()], dim=1)
+    return input_ids, attention_mask, full_completion_mask
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Training (our choices where the paper's text was not available; see BRAIN.md)
+#    Per step: B prompts -> n samples each, drawn exactly from the proposal q' (the SFT model,
+#    or a copy of the policy refreshed every K steps) -> proposal, SFT and reward scores without
+#    gradients -> one optimizer step on the chosen loss.
+# ------------------------------------------------------------------------------------------
+def seed_everything(seed):
+    """The one place where randomness is seeded."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain fp32 on CPU. Log-probs are always gathered in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def frozen(model):
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def score_batch(cfg, proposal, sft, task, prompt_idx, device):
+    """Sample n completions per prompt from the proposal and score them, all without gradients.
+    Returns the joined sequences and the (B*n,) proposal log-probs, SFT log-probs and rewards."""
+    with torch.no_grad(), autocast(device):
+        x = task.prompt_ids[prompt_idx].repeat_interleave(cfg.n_samples, 0)
+        xm = task.prompt_mask[prompt_idx].repeat_interleave(cfg.n_samples, 0)
+        y, ym, proposal_logp = sample_completions(proposal, x, xm, task.max_new_tokens, task.eos_id)
+        ids, attn, cmask = join(x, xm, y, ym)
+        sft_logp = proposal_logp if proposal is sft else sequence_logprobs(sft, ids, attn, cmask, task.eos_id)
+        reward = task.reward(x, xm, y, ym).float()
+    if not torch.isfinite(reward).all():
+        raise ValueError("the reward function returned NaN or inf")
+    return (ids, attn, cmask), proposal_logp, sft_logp, reward
+
+
+def train(cfg, sft, task, device, on_step=None):
+    """Train a copy of `sft` with cfg.method on `task` (prompts, reward, eos). Returns the policy.
+
+    `task` needs: prompt_ids / prompt_mask (P, Lp) left-padded, max_new_tokens, eos_id and
+    reward(prompt_ids, prompt_mask, completion_ids, completion_mask) -> (N,) rewards.
+    The policy runs in eval mode (no dropout), so log q_theta is the distribution it samples from."""
+    sft = sft.eval()
+    policy = copy.deepcopy(sft).eval()
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    proposal = sft if cfg.refresh_every == 0 else frozen(policy)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    B, n = cfg.prompts_per_step, cfg.n_samples
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.method}", leave=False, dynamic_ncols=True)
+    for step in bar:
+        if cfg.refresh_every and step % cfg.refresh_every == 0 and step > 0:
+            proposal.load_state_dict(policy.state_dict())
+        prompt_idx = torch.randint(len(task.prompt_ids), (B,), device=device)
+        seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, prompt_idx, device)
+        with autocast(device):
+            policy_logp = sequence_logprobs(policy, *seqs, task.eos_id)
+        loss = method_loss(cfg.method, policy_logp.view(B, n), proposal_logp.view(B, n), sft_logp.view(B, n),
+                           reward.view(B, n), cfg.beta, cfg.dpo_labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == cfg.steps - 1:  # .item() waits for the device: not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}", reward=f"{reward.mean().item():+.2f}")
+        if on_step is not None:
+            on_step(step, policy)
+    bar.close()
+    return policy
+
+
+# ------------------------------------------------------------------------------------------
+# 7. Evaluation: exact, by enumerating every completion of every prompt (embedded world)
+#    KL(posterior || policy): how well the policy amortises the posterior (0 is perfect);
+#    KL(policy || SFT) and E_policy[r]: the two axes of the reward-KL frontier.
+# ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def enumerate_logprobs(model, world, device, chunk=16384):
+    """log q(y|x) of every completion y of every prompt x: a (num_prompts, num_completions) table."""
+    model = model.eval()
+    rows = []
+    comp_ids, comp_mask = world.completion_ids.to(device), world.completion_mask.to(device)
+    for p in range(len(world.prompt_ids)):
+        row = []
+        for s in range(0, len(comp_ids), chunk):
+            y, ym = comp_ids[s:s + chunk], comp_mask[s:s + chunk]
+            x = world.prompt_ids[p:p + 1].to(device).expand(len(y), -1)
+            xm = world.prompt_mask[p:p + 1].to(device).expand(len(y), -1)
+            with autocast(device):
+                row.append(sequence_logprobs(model, *join(x, xm, y, ym), world.eos_id))
+        rows.append(torch.cat(row))
+    return torch.stack(rows).float().cpu()
+
+
+def kl(log_p, log_q):
+    """KL(p || q) per row, from two tables of normalised log-probs over the same completions."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def exact_metrics(log_q, log_sft, log_post, reward):
+    """Exact metrics of a distribution log_q (table), averaged over prompts (uniform)."""
+    return {
+        "reward": (log_q.exp() * reward).sum(-1).mean().item(),
+        "kl_policy_sft": kl(log_q, log_sft).mean().item(),
+        "kl_posterior_policy": kl(log_post, log_q).mean().item(),
+    }
+
+
+def posterior_table(log_sft, reward, beta):
+    """The exact posterior: log_softmax over all completions of log p_sft + r/beta (Z computed, here only)."""
+    return torch.log_softmax(log_posterior(log_sft, reward, beta), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# 8. The embedded toy world (not part of the method)
+#    Prompts "the <thing> was", completions of up to 4 words from a 10-word vocabulary plus EOS
+#    ("."): 1 + 10 + 100 + 1000 + 10000 = 11,111 completions per prompt, few enough to enumerate.
+#    A tiny GPT-2 (from a config, no download) learns a corpus of little reviews as the SFT
+#    prior; the reward is a sentiment lexicon that understands "not" and "very".
+# ------------------------------------------------------------------------------------------
+EOS = "."
+COMPLETION_WORDS = ["good", "great", "fun", "bad", "awful", "boring", "not", "very", "and", "but"]
+SUBJECTS = {"plot": 0.5, "acting": 0.7, "music": 0.8, "ending": 0.3,  # subject -> share of
+            "food": 0.6, "service": 0.2, "cast": 0.75, "story": 0.4}  # positive reviews in the corpus
+VOCAB = [EOS] + COMPLETION_WORDS + ["the", "was"] + list(SUBJECTS)  # completion tokens first
+LEXICON = {"great": 2.0, "good": 1.0, "fun": 1.0, "bad": -1.0, "boring": -1.0, "awful": -2.0}
+MAX_NEW_TOKENS = 4  # completion length limit, EOS included
+POSITIVE, NEGATIVE = ["good", "great", "fun"], ["bad", "boring", "awful"]
+
+
+def review_reward(words):
+    """Sentiment of a review: the mean lexicon value of its adjectives (0 with none).
+    "very" doubles the next adjective, "not" flips and halves it: "not bad" = +0.5,
+    "not very good" = -1, "very great" = +4 (the maximum), "good but boring" = 0."""
+    values, very, negated = [], False, False
+    for w in words:
+        if w == "not":
+            negated = True
+        elif w == "very":
+            very = True
+        elif w in LEXICON:
+            values.append(LEXICON[w] * (2.0 if very else 1.0) * (-0.5 if negated else 1.0))
+            very = negated = False
+        else:  # "and", "but": a modifier does not reach across a conjunction
+            very = negated = False
+    return sum(values) / len(values) if values else 0.0
+
+
+def corpus_review(rng, positive_share):
+    """One review from the toy grammar: a phrase, sometimes followed by "and"/"but" + a phrase."""
+    def phrase(positive):
+        r = rng.random()
+        if r < 0.15:  # negated opposite: "not bad" is positive
+            return ["not", rng.choice(NEGATIVE if positive else POSITIVE)]
+        adjective = rng.choices(POSITIVE if positive else NEGATIVE, weights=[5, 3, 2])[0]
+        return ["very", adjective] if r < 0.35 else [adjective]
+
+    positive = rng.random() < positive_share
+    words = phrase(positive)
+    if rng.random() < 0.35:
+        conj = rng.choice(["and", "but"])
+        second = phrase(positive if conj == "and" else not positive)
+        if len(words) + 1 + len(second) <= MAX_NEW_TOKENS:
+            words = words + [conj] + second
+    return words + [EOS] if len(words) < MAX_NEW_TOKENS else words
+
+
+class ToyLM(torch.nn.Module):
+    """A tiny GPT-2 whose next token is always a completion token (EOS or one of the 10 words):
+    the prompt words get logit -inf, so every completion lies in the enumerable space."""
+
+    def __init__(self, vocab_size, num_completion_tokens, eos_id):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.config = GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=64, n_layer=2, n_head=4,
+                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                 bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+        self.gpt = GPT2LMHeadModel(self.config)
+        blocked = torch.ones(vocab_size, dtype=torch.bool)
+        blocked[:num_completion_tokens] = False
+        self.register_buffer("blocked", blocked, persistent=False)
+
+    def forward(self, **kwargs):
+        out = self.gpt(**kwargs)
+        out.logits = out.logits.masked_fill(self.blocked, float("-inf"))
+        return out
+
+
+class ToyWorld:
+    """Prompts, reward, the enumerated completion space, and the SFT prior's corpus."""
+
+    def __init__(self, device):
+        self.vocab = VOCAB
+        self.index = {w: i for i, w in enumerate(VOCAB)}
+        self.eos_id = self.index[EOS]
+        self.max_new_tokens = MAX_NEW_TOKENS
+        self.subjects = list(SUBJECTS)
+        self.prompts = [f"the {s} was" for s in self.subjects]
+        self.prompt_ids = torch.tensor([self.encode(p) for p in self.prompts], device=device)
+        self.prompt_mask = torch.ones_like(self.prompt_ids)
+        # every completion: k words then EOS (k = 0..3), or 4 words; padded with EOS
+        k = len(COMPLETION_WORDS) + 1  # completion token ids are 0..k-1, EOS is 0
+        comps = [[]]
+        for length in range(1, MAX_NEW_TOKENS + 1):
+            comps += [list(c) for c in _product(range(1, k), length)]
+        ids, mask = [], []
+        for c in comps:
+            seq = c + [self.eos_id] if len(c) < MAX_NEW_TOKENS else c
+            ids.append(seq + [self.eos_id] * (MAX_NEW_TOKENS - len(seq)))
+            mask.append([1] * len(seq) + [0] * (MAX_NEW_TOKENS - len(seq)))
+        self.completion_ids = torch.tensor(ids)
+        self.completion_mask = torch.tensor(mask)
+        rewards = [review_reward([VOCAB[t] for t in c]) for c in comps]
+        self.reward_table = torch.tensor(rewards).expand(len(self.prompts), -1).contiguous()  # (prompts, completions)
+        # reward lookup for sampled completions: a dense table indexed by the base-k code of the ids
+        self._code = k ** torch.arange(MAX_NEW_TOKENS - 1, -1, -1, device=device)
+        lookup = torch.zeros(k ** MAX_NEW_TOKENS)
+        lookup[self._encode_completions(self.completion_ids, self.completion_mask, "cpu")] = torch.tensor(rewards)
+        self._lookup = lookup.to(device)
+
+    def encode(self, text):
+        return [self.index[w] for w in text.split()]
+
+    def decode(self, ids, mask=None):
+        ids = ids.tolist() if mask is None else [t for t, m in zip(ids.tolist(), mask.tolist()) if m]
+        return " ".join(self.vocab[t] for t in ids)
+
+    def _encode_completions(self, ids, mask, device):
+        ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))  # canonical: EOS after the end
+        return (ids * self._code.to(device)).sum(-1)
+
+    def reward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        """r(x, y) of sampled completions (the same for every prompt: a review's sentiment)."""
+        return self._lookup[self._encode_completions(completion_ids, completion_mask, completion_ids.device)]
+
+    def new_model(self):
+        return ToyLM(len(self.vocab), len(COMPLETION_WORDS) + 1, self.eos_id)
+
+    def corpus(self, size, rng):
+        """`size` (prompt, review) pairs as (input_ids, attention_mask, completion_mask)."""
+        ids, mask = [], []
+        for _ in range(size):
+            subject = rng.choice(self.subjects)
+            words = corpus_review(rng, SUBJECTS[subject])
+            ids.append(self.encode(f"the {subject} was") + [self.index[w] for w in words]
+                       + [self.eos_id] * (MAX_NEW_TOKENS - len(words)))
+            mask.append([0, 0, 0] + [1] * len(words) + [0] * (MAX_NEW_TOKENS - len(words)))
+        ids, cmask = torch.tensor(ids), torch.tensor(mask)
+        attn = torch.ones_like(ids)
+        attn[:, 3:] = cmask[:, 3:]
+        return ids, attn, cmask
+
+
+def _product(alphabet, length):
+    seqs = [[]]
+    for _ in range(length):
+        seqs = [s + [a] for s in seqs for a in alphabet]
+    return seqs
+
+
+def pretrain_sft(world, cfg, device):
+    """The SFT prior: maximum likelihood of the corpus (a fresh batch of reviews every step)."""
+    rng = random.Random(cfg.seed)
+    model = world.new_model().to(device)
+    ids, attn, cmask = (t.to(device) for t in world.corpus(cfg.sft_steps * cfg.sft_batch // 4, rng))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in tqdm(range(cfg.sft_steps), desc="pretrain SFT prior", leave=False, dynamic_ncols=True):
+        batch = torch.randint(len(ids), (cfg.sft_batch,), device=device)
+        with autocast(device):
+            nll = -sequence_logprobs(model, ids[batch], attn[batch], cmask[batch], world.eos_id).mean()
+        opt.zero_grad(set_to_none=True)
+        nll.backward()
+        opt.step()
+    return frozen(model)
+
+
+# ------------------------------------------------------------------------------------------
+# 9. The command line
+# ------------------------------------------------------------------------------------------
+def show_samples(world, model, device, title, per_prompt=2, prompts=(0, 5)):
+    print(title)
+    with torch.no_grad(), autocast(device):
+        for p in prompts:
+            x = world.prompt_ids[p:p + 1].expand(per_prompt, -1)
+            xm = world.prompt_mask[p:p + 1].expand(per_prompt, -1)
+            y, ym, _ = sample_completions(model, x, xm, world.max_new_tokens, world.eos_id)
+            r = world.reward(x, xm, y, ym)
+            for i in range(per_prompt):
+                print(f"  {world.prompts[p]} | {world.decode(y[i], ym[i]):<24s} r = {r[i].item():+.1f}")
+
+
+def run(cfg, show=True):
+    """The embedded default: pretrain the SFT prior, train the policy, evaluate exactly."""
+    cfg.validate()
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    world = ToyWorld(device)
+    sft = pretrain_sft(world, cfg, device)
+    log_sft = enumerate_logprobs(sft, world, device)
+    log_post = posterior_table(log_sft, world.reward_table, cfg.beta)
+    policy = train(cfg, sft, world, device)
+    log_policy = enumerate_logprobs(policy, world, device)
+    results = {
+        "sft": exact_metrics(log_sft, log_sft, log_post, world.reward_table),
+        "policy": exact_metrics(log_policy, log_sft, log_post, world.reward_table),
+        "posterior": exact_metrics(log_post, log_sft, log_post, world.reward_table),
+        "config": asdict(cfg),
+        "device": str(device),
+        "wall_s": round(time.time() - t0, 2),
+    }
+    if show:
+        print_table(results, cfg)
+        show_samples(world, sft, device, "\nSFT samples:")
+        show_samples(world, policy, device, f"Policy samples ({cfg.method}):")
+    return results
+
+
+def print_table(results, cfg):
+    print(f"\nExact metrics on the embedded world (beta = {cfg.beta}, {cfg.steps} steps, "
+          f"B = {cfg.prompts_per_step}, n = {cfg.n_samples}, {results['wall_s']:.1f} s on {results['device']})")
+    print(f"{'':22s}{'E[r]':>8s}{'KL(. || SFT)':>15s}{'KL(posterior || .)':>21s}")
+    for key, label in (("sft", "SFT prior"), ("policy", f"policy ({cfg.method})"), ("posterior", "posterior (target)")):
+        m = results[key]
+        print(f"{label:22s}{m['reward']:+8.3f}{m['kl_policy_sft']:15.3f}{m['kl_posterior_policy']:21.3f}")
+
+
+def parse_args(argv=None):
+    d = Config()
+    p = argparse.ArgumentParser(prog="brain.py", description="BRAIn on the embedded toy world (offline, CPU or CUDA).")
+    p.add_argument("--method", default=d.method, help=f"estimator: {', '.join(METHODS)} (default {d.method})")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step, help="B, prompts per step")
+    p.add_argument("--n-samples", type=int, default=d.n_samples, help="n, samples per prompt (>= 2)")
+    p.add_argument("--beta", type=float, default=d.beta, help="posterior temperature (> 0)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--refresh-every", type=int, default=d.refresh_every,
+                   help="proposal := policy every K steps (0: always sample from the SFT model)")
+    p.add_argument("--dpo-labels", default=d.dpo_labels, help="DPO pairs: argmax or bt")
+    p.add_argument("--seed", type=int, default=d.seed, help="the one random seed")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    p.add_argument("--sft-steps", type=int, default=d.sft_steps, help="SFT pretraining steps of the toy prior")
+    p.add_argument("--json", metavar="PATH", help="write the final metrics as JSON to PATH")
+    args = p.parse_args(argv)
+    cfg = Config(method=args.method, steps=args.steps, prompts_per_step=args.prompts_per_step,
+                 n_samples=args.n_samples, beta=args.beta, lr=args.lr, refresh_every=args.refresh_every,
+                 dpo_labels=args.dpo_labels, seed=args.seed, device=args.device, sft_steps=args.sft_steps)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        p.error(str(e))
+    return cfg, args
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    try:
+        results = run(cfg)
+    except ValueError as e:  # our own checks (bad data, NaN rewards): one line, no traceback
+        print(f"brain.py: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"\nmetrics written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Tests for brain.py. Each checks the code against an independent computation:
+identities by hand, gradients against analytic formulas on a small categorical space,
+log-probs token by token, exact evaluation against Monte Carlo.
+
+    python -m pytest -q test_brain.py
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import brain
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------------------------------------
+# A small categorical world: K outcomes, a policy q_theta = softmax(theta), an SFT prior,
+# a proposal, rewards. Gradients of log q_theta(k) are known in closed form: e_k - softmax(theta).
+# ------------------------------------------------------------------------------------------
+K = 6
+
+
+def categorical(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sft": torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64), -1),
+        "proposal": torch.log_softmax(torch.randn(K, generator=g, dtype=torch.float64), -1),
+        "reward": torch.randn(K, generator=g, dtype=torch.float64) * 2,
+        "theta": torch.randn(K, generator=g, dtype=torch.float64),
+        "g": g,
+    }
+
+
+def draw(logp, B, n, g):
+    return torch.multinomial(logp.exp().expand(B, -1), n, replacement=True, generator=g)
+
+
+def grad_log_q(theta, k):
+    """d log softmax(theta)[k] / d theta, by hand."""
+    return torch.nn.functional.one_hot(k, K).double() - torch.softmax(theta, -1)
+
+
+# ------------------------------------------------------------------------------------------
+# Weights and the BRAIn loss
+# ------------------------------------------------------------------------------------------
+def test_weights_sum_to_one():
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(5, 7, generator=g) * 10 for _ in range(3))
+    for w in (brain.alpha_hat(a, b), brain.beta_hat(c, a)):
+        assert w.shape == (5, 7)
+        assert torch.all(w >= 0)
+        torch.testing.assert_close(w.sum(-1), torch.ones(5))
+
+
+def test_brain_loss_is_kl_between_the_two_softmaxes():
+    g = torch.Generator().manual_seed(2)
+    pol, prop, tgt = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    expected = 0.0
+    for b in range(4):  # by hand, with math
+        la = [t - p for t, p in zip(tgt[b].tolist(), prop[b].tolist())]
+        lb = [q - p for q, p in zip(pol[b].tolist(), prop[b].tolist())]
+        za, zb = sum(math.exp(v) for v in la), sum(math.exp(v) for v in lb)
+        alpha = [math.exp(v) / za for v in la]
+        beta = [math.exp(v) / zb for v in lb]
+        expected += sum(a * math.log(a / bb) for a, bb in zip(alpha, beta)) / 4
+    assert brain.brain_loss(pol, prop, tgt).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_brain_gradient_is_alpha_minus_beta_times_score():
+    w = categorical(3)
+    B, n = 4, 5
+    y = draw(w["proposal"], B, n, w["g"])
+    theta = w["theta"].clone().requires_grad_(True)
+    policy_logp = torch.log_softmax(theta, -1)[y]
+    target = brain.log_posterior(w["sft"][y], w["reward"][y], 0.7)
+    brain.brain_loss(policy_logp, w["proposal"][y], target).backward()
+    # -1/B sum_b sum_i (alpha_hat - beta_hat)_bi grad log q(y_bi), everything by hand
+    lq = torch.log_softmax(w["theta"], -1)
+    la = (w["sft"] + w["reward"] / 0.7 - w["proposal"])[y]
+    lb = (lq - w["proposal"])[y]
+    diff = la.exp() / la.exp().sum(-1, keepdim=True) - lb.exp() / lb.exp().sum(-1, keepdim=True)
+    expected = -sum(diff[b, i] * grad_log_q(w["theta"], y[b, i]) for b in range(B) for i in range(n)) / B
+    torch.testing.assert_close(theta.grad, expected)
+
+
+def test_policy_equal_to_posterior_gives_zero_loss_and_gradient():
+    w = categorical(4)
+    beta = 0.5
+    posterior = torch.log_softmax(w["sft"] + w["reward"] / beta, -1)  # exact, on the small space
+    for trial in range(5):  # every sample set, not on average
+        y = draw(w["proposal"], 3, 6, w["g"])
+        theta = posterior.clone().requires_grad_(True)  # q_theta = softmax(theta) = posterior
+        policy_logp = torch.log_softmax(theta, -1)[y]
+        loss = brain.brain_loss(policy_logp, w["proposal"][y], brain.log_posterior(w["sft"][y], w["reward"][y], beta))
+        loss.backward()
+        assert abs(loss.item()) < 1e-12
+        assert theta.grad.abs().max().item() < 1e-12
+
+
+def test_policy_away_from_posterior_gives_positive_loss():
+    w = categorical(5)
+    y = draw(w["proposal"], 3, 6, w["g"])
+    loss = brain.brain_loss(torch.log_softmax(w["theta"], -1)[y], w["proposal"][y],
+                            brain.log_posterior(w["sft"][y], w["reward"][y], 1.0))
+    assert loss.item() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------
+# Connections (paper §5)
+# ------------------------------------------------------------------------------------------
+def test_brain_with_two_samples_and_argmax_weights_is_dpo():
+    g = torch.Generator().manual_seed(6)
+    B = 8
+    sft = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    pol = torch.randn(B, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    reward = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    dpo = brain.dpo_loss(pol, sft, reward, beta=1.0, labels="argmax")
+    # the paper's DPO-sft loss, by hand: -log sigmoid of the winner's minus the loser's log-ratio
+    w = reward.argmax(-1)
+    h = (pol - sft).detach()
+    hand = -torch.nn.functional.logsigmoid(h[torch.arange(B), w] - h[torch.arange(B), 1 - w]).mean()
+    assert dpo.item() == pytest.approx(hand.item(), rel=1e-12)
+    # BRAIn with proposal = SFT and alpha_hat one-hot on the winner (beta -> 0: softmax -> argmax)
+    one_hot = brain.log_posterior(sft, reward, beta=1e-4)
+    assert brain.alpha_hat(sft, one_hot).max(-1).values.min().item() == pytest.approx(1.0)
+    br = brain.brain_loss(pol, sft, one_hot)
+    assert br.item() == pytest.approx(dpo.item(), rel=1e-9)
+    g_dpo = torch.autograd.grad(dpo, pol)[0]
+    g_brain = torch.autograd.grad(br, pol)[0]
+    torch.testing.assert_close(g_brain, g_dpo)
+
+
+def test_dpo_bt_labels_follow_bradley_terry():
+    # one prompt repeated: P(first sample wins) = sigmoid(r1 - r2); the loss tells who won
+    B = 20000
+    reward = torch.tensor([[0.7, -0.3]]).expand(B, -1)
+    pol = torch.tensor([[1.0, 0.0]]).expand(B, -1).clone().requires_grad_(True)
+    ref = torch.zeros(B, 2)
+    torch.manual_seed(0)
+    brain.dpo_loss(pol, ref, reward, beta=1.0, labels="bt").backward()
+    # d loss / d pol[b, 0] is negative when sample 0 won, positive when it lost
+    first_won = (pol.grad[:, 0] < 0).double().mean().item()
+    p = 1 / (1 + math.exp(-1.0))
+    assert abs(first_won - p) < 4 * math.sqrt(p * (1 - p) / B)
+
+
+def test_gdcpp_equals_brain_on_policy_and_not_off_policy():
+    w = categorical(7)
+    beta = 0.8
+
+    def grads(proposal_logp_fn, y):
+        out = []
+        for loss_fn in (brain.brain_loss, brain.gdcpp_loss):
+            theta = w["theta"].clone().requires_grad_(True)
+            pol = torch.log_softmax(theta, -1)[y]
+            loss_fn(pol, proposal_logp_fn(pol), brain.log_posterior(w["sft"][y], w["reward"][y], beta)).backward()
+            out.append(theta.grad)
+        return out
+
+    on_y = draw(torch.log_softmax(w["theta"], -1), 4, 6, w["g"])  # samples from the policy itself
+    g_brain, g_gdcpp = grads(lambda pol: pol.detach(), on_y)
+    torch.testing.assert_close(g_brain, g_gdcpp)
+    off_y = draw(w["proposal"], 4, 6, w["g"])  # samples from another distribution
+    g_brain, g_gdcpp = grads(lambda pol: w["proposal"][off_y], off_y)
+    assert (g_brain - g_gdcpp).abs().max().item() > 1e-3
+
+
+def test_log_z_given_or_estimated():
+    g = torch.Generator().manual_seed(8)
+    B, n = 3, 4
+    pol = torch.randn(B, n, generator=g, dtype=torch.float64, requires_grad=True)
+    prop, tgt = (torch.randn(B, n, generator=g, dtype=torch.float64) for _ in range(2))
+    log_z = torch.randn(B, generator=g, dtype=torch.float64)
+    b = (pol.detach() - prop).exp()
+    cases = [  # (log_z, target weight) with the documented formulas, by hand
+        (None, (tgt - prop).exp() / (tgt - prop).exp().sum(-1, keepdim=True)),
+        (log_z, (tgt - log_z[:, None] - prop).exp() / n),
+        (0.3, (tgt - 0.3 - prop).exp() / n),
+    ]
+    for lz, weight in cases:
+        # d loss / d policy_logp = -weight / B for DPG, -(weight - b/n) / B for GDC++
+        g_dpg = torch.autograd.grad(brain.dpg_loss(pol, prop, tgt, log_z=lz), pol)[0]
+        torch.testing.assert_close(g_dpg, -weight / B)
+        g_gdc = torch.autograd.grad(brain.gdcpp_loss(pol, prop, tgt, log_z=lz), pol)[0]
+        torch.testing.assert_close(g_gdc, -(weight - b / n) / B)
+
+
+def test_dpg_with_true_log_z_is_unbiased_for_the_posterior_score():
+    # E_{q'}[ (p~/(Z q')) grad log q ] = E_posterior[grad log q]: check by averaging many draws
+    w = categorical(9)
+    target = w["sft"] + w["reward"]
+    log_z = torch.logsumexp(target, -1)
+    B, n = 20000, 4
+    y = draw(w["proposal"], B, n, w["g"])
+    theta = w["theta"].clone().requires_grad_(True)
+    brain.dpg_loss(torch.log_softmax(theta, -1)[y], w["proposal"][y], target[y], log_z=log_z).backward()
+    exact = -(torch.softmax(target, -1)[:, None] * torch.stack([grad_log_q(w["theta"], torch.tensor(k)) for k in range(K)])).sum(0)
+    assert (theta.grad - exact).abs().max().item() < 0.05
+
+
+# ------------------------------------------------------------------------------------------
+# Language-model plumbing: log-probs and the sampler on a tiny GPT-2 (no mask wrapper)
+# ------------------------------------------------------------------------------------------
+EOS_ID, PAD_ID = 1, 0
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=11, n_positions=32, n_embd=32, n_layer=2, n_head=2, eos_token_id=EOS_ID,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def hand_logprob(model, prompt, completion):
+    """Token by token, on the unpadded sequence, stopping at the first EOS (which counts)."""
+    seq = list(prompt)
+    total = 0.0
+    for tok in completion:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].double()
+        total += (logits[tok] - torch.logsumexp(logits, -1)).item()
+        seq.append(tok)
+        if tok == EOS_ID:
+            break
+    return total
+
+
+def test_sequence_logprobs_matches_token_by_token(tiny_gpt2):
+    rows = [  # (prompt, completion as sampled: tokens after EOS are junk and must be ignored)
+        ([5, 6, 7], [3, 4, EOS_ID, 9]),
+        ([8], [EOS_ID, 2, 2, 2]),
+        ([4, 9], [2, 3, 4, 5]),  # no EOS
+        ([3, 3, 3], [6, EOS_ID, EOS_ID, EOS_ID]),
+    ]
+    P = max(len(p) for p, _ in rows)
+    ids, attn, cmask = [], [], []
+    for prompt, comp in rows:  # left-pad prompts; the completion mask covers all 4 positions
+        pad = P - len(prompt)
+        ids.append([PAD_ID] * pad + prompt + comp)
+        attn.append([0] * pad + [1] * (len(prompt) + len(comp)))
+        cmask.append([0] * P + [1] * len(comp))
+    got = brain.sequence_logprobs(tiny_gpt2, torch.tensor(ids), torch.tensor(attn), torch.tensor(cmask), EOS_ID)
+    assert got.dtype == torch.float32
+    expected = torch.tensor([hand_logprob(tiny_gpt2, p, c) for p, c in rows])
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-5)
+    # the EOS id comes from model.config when not given
+    got2 = brain.sequence_logprobs(tiny_gpt2, torch.tensor(ids), torch.tensor(attn), torch.tensor(cmask))
+    torch.testing.assert_close(got, got2)
+
+
+def test_sampler_logprobs_match_scoring_with_left_padding(tiny_gpt2):
+    torch.manual_seed(1)
+    prompt_ids = torch.tensor([[PAD_ID, PAD_ID, 5, 6], [7, 8, 9, 10], [PAD_ID, 3, 3, 4]]).repeat(20, 1)
+    prompt_mask = (torch.arange(4) >= torch.tensor([2, 0, 1]).repeat(20)[:, None]).long()
+    y, ym, logp = brain.sample_completions(tiny_gpt2, prompt_ids, prompt_mask, 5, EOS_ID, pad_token_id=PAD_ID)
+    assert y.shape == (60, 5) and ym.shape == (60, 5)
+    for i in range(60):  # mask is 1 up to and including the first EOS, 0 after
+        toks = y[i].tolist()
+        end = toks.index(EOS_ID) + 1 if EOS_ID in toks else 5
+        assert ym[i].tolist() == [1] * end + [0] * (5 - end)
+        assert all(t == PAD_ID for t in toks[end:])
+    scored = brain.sequence_logprobs(tiny_gpt2, *brain.join(prompt_ids, prompt_mask, y, ym), EOS_ID)
+    torch.testing.assert_close(logp, scored, rtol=1e-4, atol=1e-4)
+    for i in range(3):  # and the left padding changes nothing: compare with unpadded hand computation
+        real = prompt_ids[i][prompt_mask[i].bool()].tolist()
+        assert logp[i].item() == pytest.approx(hand_logprob(tiny_gpt2, real, y[i].tolist()), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# The embedded world: exact evaluation against Monte Carlo
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world_and_sft():
+    cfg = brain.Config(sft_steps=150)
+    brain.seed_everything(0)
+    world = brain.ToyWorld(torch.device("cpu"))
+    sft = brain.pretrain_sft(world, cfg, torch.device("cpu"))
+    return world, sft, brain.enumerate_logprobs(sft, world, torch.device("cpu"))
+
+
+def test_world_enumerates_every_completion_once(world_and_sft):
+    world, _, log_sft = world_and_sft
+    assert world.completion_ids.shape == (11111, 4)
+    assert len({tuple(r) for r in world.completion_ids.tolist()}) == 11111
+    assert len(world.prompts) >= 8
+    torch.testing.assert_close(log_sft.exp().sum(-1), torch.ones(len(world.prompts)))  # a distribution
+
+
+def test_review_reward_reads_negation():
+    r = brain.review_reward
+    assert r("very great .".split()) == 4.0
+    assert r("not bad .".split()) == 0.5
+    assert r("not very good".split()) == -1.0
+    assert r("good but boring .".split()) == 0.0
+    assert r(["."]) == 0.0
+
+
+def test_exact_metrics_match_monte_carlo(world_and_sft):
+    world, sft, log_sft = world_and_sft
+    torch.manual_seed(3)
+    p, N = 1, 20000
+    x = world.prompt_ids[p:p + 1].expand(N, -1)
+    xm = world.prompt_mask[p:p + 1].expand(N, -1)
+    y, ym, logp = brain.sample_completions(sft, x, xm, world.max_new_tokens, world.eos_id)
+    r = world.reward(x, xm, y, ym)
+    # E[r]: the exact sum against the sample mean
+    exact_r = (log_sft[p].exp() * world.reward_table[p]).sum().item()
+    assert abs(r.mean().item() - exact_r) < 4 * r.std().item() / math.sqrt(N)
+    # each sample's log-prob is the table's entry for that completion
+    code = {tuple(c): i for i, c in enumerate(world.completion_ids.tolist())}
+    idx = torch.tensor([code[tuple(c)] for c in torch.where(ym.bool(), y, world.eos_id).tolist()])
+    torch.testing.assert_close(logp, log_sft[p, idx], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r, world.reward_table[p, idx])
+    # frequencies of the commonest completions against their exact probabilities
+    counts = torch.bincount(idx, minlength=log_sft.shape[1]).double() / N
+    for k in log_sft[p].topk(5).indices:
+        q = log_sft[p, k].exp().item()
+        assert abs(counts[k].item() - q) < 4 * math.sqrt(q * (1 - q) / N)
+    # KL(posterior || SFT): exact against a self-normalised importance-sampling estimate
+    beta = 1.0
+    log_post = brain.posterior_table(log_sft, world.reward_table, beta)
+    exact_kl = brain.kl(log_post, log_sft)[p].item()
+    lw = r / beta
+    w = torch.softmax(lw, 0)
+    mc_kl = (w * (lw - torch.logsumexp(lw, 0) + math.log(N))).sum().item()  # log(posterior / sft) = r/beta - log Z
+    assert abs(mc_kl - exact_kl) < 0.05 * exact_kl
+
+
+def test_default_beta_moves_the_posterior_far_enough(world_and_sft):
+    world, _, log_sft = world_and_sft
+    log_post = brain.posterior_table(log_sft, world.reward_table, brain.Config().beta)
+    assert brain.kl(log_post, log_sft).mean().item() >= 0.5
+
+
+# ------------------------------------------------------------------------------------------
+# End to end
+# ------------------------------------------------------------------------------------------
+def test_short_run_lowers_kl_and_is_deterministic():
+    cfg = brain.Config(steps=60, sft_steps=150, device="cpu")
+    first = brain.run(cfg, show=False)
+    second = brain.run(brain.Config(steps=60, sft_steps=150, device="cpu"), show=False)
+    assert first["policy"]["kl_posterior_policy"] < 0.7 * first["sft"]["kl_posterior_policy"]
+    assert first["policy"]["reward"] > first["sft"]["reward"]
+    assert first["posterior"]["kl_posterior_policy"] == 0.0
+    for key in ("sft", "policy", "posterior"):
+        assert first[key] == second[key]
+
+
+@pytest.mark.parametrize("method", ["dpg", "gdcpp", "dpo"])
+def test_every_method_trains(method, world_and_sft):
+    world, sft, log_sft = world_and_sft
+    cfg = brain.Config(method=method, steps=15, device="cpu")
+    brain.seed_everything(0)
+    policy = brain.train(cfg, sft, world, torch.device("cpu"))
+    log_pol = brain.enumerate_logprobs(policy, world, torch.device("cpu"))
+    assert brain.kl(log_pol, log_sft).mean().item() > 1e-4  # it moved
+    torch.testing.assert_close(log_pol.exp().sum(-1), torch.ones(len(world.prompts)))
+
+
+def test_refreshed_proposal_trains(world_and_sft):
+    world, sft, log_sft = world_and_sft
+    cfg = brain.Config(steps=20, refresh_every=5, device="cpu")
+    log_post = brain.posterior_table(log_sft, world.reward_table, cfg.beta)
+    policy = brain.train(cfg, sft, world, torch.device("cpu"))
+    log_pol = brain.enumerate_logprobs(policy, world, torch.device("cpu"))
+    assert brain.kl(log_post, log_pol).mean() < brain.kl(log_post, log_sft).mean()
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: a clear message, never a traceback from inside torch
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--beta", "0"], "beta must be"),
+    (["--beta", "-1"], "beta must be"),
+    (["--beta", "nan"], "beta must be"),
+    (["--n-samples", "1"], "n_samples must be >= 2"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--method", "ppo"], "unknown method 'ppo'"),
+    (["--dpo-labels", "coin"], "dpo_labels must be"),
+])
+def test_cli_rejects_bad_hyperparameters(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        brain.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_error_has_no_traceback():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "brain.py"), "--n-samples", "1"],
+                         capture_output=True, text=True, cwd=HERE)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "n_samples must be >= 2" in out.stderr
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_losses_reject_non_finite_rewards(bad):
+    pol = torch.zeros(2, 3, requires_grad=True)
+    prop = torch.zeros(2, 3)
+    reward = torch.zeros(2, 3)
+    reward[1, 2] = bad
+    for method in brain.METHODS:
+        with pytest.raises(ValueError, match="NaN or inf"):
+            brain.method_loss(method, pol, prop, prop, reward, beta=1.0)
+
+
+def test_losses_reject_bad_shapes():
+    with pytest.raises(ValueError, match=r"shape \(B, n\)"):
+        brain.brain_loss(torch.zeros(6), torch.zeros(6), torch.zeros(6))
+    with pytest.raises(ValueError, match="n >= 2"):
+        brain.brain_loss(torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="shapes differ"):
+        brain.gdcpp_loss(torch.zeros(3, 2), torch.zeros(3, 4), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="log_z must be"):
+        brain.dpg_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), log_z=torch.zeros(4))
+
+
+def test_training_stops_on_nan_reward(world_and_sft):
+    world, sft, _ = world_and_sft
+
+    class NaNReward:
+        def __getattr__(self, name):
+            return getattr(world, name)
+
+        def reward(self, *args):
+            r = world.reward(*args)
+            r[0] = float("nan")
+            return r
+
+    with pytest.raises(ValueError, match="reward function returned NaN or inf"):
+        brain.train(brain.Config(steps=2, device="cpu"), sft, NaNReward(), torch.device("cpu"))
