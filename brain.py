@@ -304,13 +304,14 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, eos_tok
 
 
 @torch.no_grad()
-def sample_completions(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id=None):
+def sample_completions(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id=None, generator=None):
     """Draw one completion per row exactly from the model: temperature 1, no top-k/top-p
     (any truncation would make the importance weights wrong). Batched, with the KV cache.
 
     prompt_ids, prompt_mask: (N, P), left-padded. Returns completion ids (N, T), completion
     mask (N, T) (1 up to and including the first EOS) and log q(y|x) of each draw (N,), fp32:
-    the log-probs the draws were made with, so the proposal needs no second forward pass."""
+    the log-probs the draws were made with, so the proposal needs no second forward pass.
+    `generator`: a torch.Generator for the draws (default: the global one)."""
     pad = eos_token_id if pad_token_id is None else pad_token_id
     n = prompt_ids.shape[0]
     attn = prompt_mask.long()
@@ -322,7 +323,7 @@ def sample_completions(model, prompt_ids, prompt_mask, max_new_tokens, eos_token
     tokens, masks = [], []
     for t in range(max_new_tokens):
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        tok = torch.multinomial(logp.exp(), 1).squeeze(-1)
+        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
         tok = torch.where(alive, tok, torch.full_like(tok, pad))
         logp_sum += torch.where(alive, logp.gather(-1, tok[:, None]).squeeze(-1), torch.zeros_like(logp_sum))
         tokens.append(tok)
@@ -374,13 +375,16 @@ def frozen(model):
     return model
 
 
-def score_batch(cfg, proposal, sft, task, prompt_idx, device):
-    """Sample n completions per prompt from the proposal and score them, all without gradients.
-    Returns the joined sequences and the (B*n,) proposal log-probs, SFT log-probs and rewards."""
+def score_batch(cfg, proposal, sft, task, generator, device):
+    """Draw B prompts, sample n completions per prompt from the proposal and score them, all
+    without gradients. Returns the joined sequences and the (B*n,) proposal log-probs,
+    SFT log-probs and rewards."""
     with torch.no_grad(), autocast(device):
+        prompt_idx = torch.randint(len(task.prompt_ids), (cfg.prompts_per_step,), device=device, generator=generator)
         x = task.prompt_ids[prompt_idx].repeat_interleave(cfg.n_samples, 0)
         xm = task.prompt_mask[prompt_idx].repeat_interleave(cfg.n_samples, 0)
-        y, ym, proposal_logp = sample_completions(proposal, x, xm, task.max_new_tokens, task.eos_id)
+        y, ym, proposal_logp = sample_completions(proposal, x, xm, task.max_new_tokens, task.eos_id,
+                                                  generator=generator)
         ids, attn, cmask = join(x, xm, y, ym)
         sft_logp = proposal_logp if proposal is sft else sequence_logprobs(sft, ids, attn, cmask, task.eos_id)
         reward = task.reward(x, xm, y, ym).float()
@@ -389,12 +393,19 @@ def score_batch(cfg, proposal, sft, task, prompt_idx, device):
     return (ids, attn, cmask), proposal_logp, sft_logp, reward
 
 
+def sample_stream(seed, device):
+    """The generator that draws prompts and samples in training: seeded by the run's seed alone,
+    so that every method sees the same prompts and, with a fixed proposal, the same samples."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def train(cfg, sft, task, device, on_step=None):
     """Train a copy of `sft` with cfg.method on `task` (prompts, reward, eos). Returns the policy.
 
     `task` needs: prompt_ids / prompt_mask (P, Lp) left-padded, max_new_tokens, eos_id and
     reward(prompt_ids, prompt_mask, completion_ids, completion_mask) -> (N,) rewards.
-    The policy runs in eval mode (no dropout), so log q_theta is the distribution it samples from."""
+    The policy runs in eval mode (no dropout), so log q_theta is the distribution it samples from.
+    on_step(steps_done, policy, proposal) is called before the first step and after each one."""
     sft = sft.eval()
     policy = copy.deepcopy(sft).eval()
     for p in policy.parameters():
@@ -402,12 +413,14 @@ def train(cfg, sft, task, device, on_step=None):
     proposal = sft if cfg.refresh_every == 0 else frozen(policy)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     B, n = cfg.prompts_per_step, cfg.n_samples
+    stream = sample_stream(cfg.seed, device)
+    if on_step is not None:
+        on_step(0, policy, proposal)
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.method}", leave=False, dynamic_ncols=True)
     for step in bar:
         if cfg.refresh_every and step % cfg.refresh_every == 0 and step > 0:
             proposal.load_state_dict(policy.state_dict())
-        prompt_idx = torch.randint(len(task.prompt_ids), (B,), device=device)
-        seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, prompt_idx, device)
+        seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, stream, device)
         with autocast(device):
             policy_logp = sequence_logprobs(policy, *seqs, task.eos_id)
         loss = method_loss(cfg.method, policy_logp.view(B, n), proposal_logp.view(B, n), sft_logp.view(B, n),
@@ -418,7 +431,7 @@ def train(cfg, sft, task, device, on_step=None):
         if step % 10 == 0 or step == cfg.steps - 1:  # .item() waits for the device: not every step
             bar.set_postfix(loss=f"{loss.item():.3f}", reward=f"{reward.mean().item():+.2f}")
         if on_step is not None:
-            on_step(step, policy)
+            on_step(step + 1, policy, proposal)
     bar.close()
     return policy
 
@@ -429,21 +442,29 @@ def train(cfg, sft, task, device, on_step=None):
 #    KL(policy || SFT) and E_policy[r]: the two axes of the reward-KL frontier.
 # ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def enumerate_logprobs(model, world, device, chunk=16384):
-    """log q(y|x) of every completion y of every prompt x: a (num_prompts, num_completions) table."""
+def enumerate_logprobs(model, world, device):
+    """log q(y|x) of every completion y of every prompt x: a (num_prompts, num_completions) table.
+
+    The completions form a tree, and a causal LM reads a prefix the same way whatever follows it:
+    one forward pass over the longest prefixes (every 3-word sequence, 1,000 rows per prompt)
+    gives the next-token distribution at every node of the tree. Each completion's log-prob is
+    the sum of its tokens' log-probs along its path (test_brain.py checks it against
+    sequence_logprobs and against sampling)."""
     model = model.eval()
-    rows = []
-    comp_ids, comp_mask = world.completion_ids.to(device), world.completion_mask.to(device)
+    prefixes = world.prefix_ids.to(device)
+    rows, steps = world.path_rows.to(device), torch.arange(world.max_new_tokens, device=device)
+    table = []
     for p in range(len(world.prompt_ids)):
-        row = []
-        for s in range(0, len(comp_ids), chunk):
-            y, ym = comp_ids[s:s + chunk], comp_mask[s:s + chunk]
-            x = world.prompt_ids[p:p + 1].to(device).expand(len(y), -1)
-            xm = world.prompt_mask[p:p + 1].to(device).expand(len(y), -1)
-            with autocast(device):
-                row.append(sequence_logprobs(model, *join(x, xm, y, ym), world.eos_id))
-        rows.append(torch.cat(row))
-    return torch.stack(rows).float().cpu()
+        x = world.prompt_ids[p:p + 1].to(device).expand(len(prefixes), -1)
+        ids = torch.cat([x, prefixes], dim=1)
+        attn = torch.cat([world.prompt_mask[p:p + 1].to(device).expand(len(prefixes), -1),
+                          torch.ones_like(prefixes)], dim=1)
+        with autocast(device):
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn)).logits
+        next_logp = torch.log_softmax(logits[:, x.shape[1] - 1:].float(), dim=-1)  # (prefixes, depth, vocab)
+        token_logp = next_logp[rows, steps, world.completion_ids.to(device)]  # (completions, depth)
+        table.append(torch.where(world.completion_mask.to(device).bool(), token_logp, torch.zeros_like(token_logp)).sum(-1))
+    return torch.stack(table).cpu()
 
 
 def kl(log_p, log_q):
@@ -566,6 +587,12 @@ class ToyWorld:
             mask.append([1] * len(seq) + [0] * (MAX_NEW_TOKENS - len(seq)))
         self.completion_ids = torch.tensor(ids)
         self.completion_mask = torch.tensor(mask)
+        # for exact evaluation: every 3-word prefix, and for each completion and depth d the row
+        # of a prefix that starts with the completion's first d words (see enumerate_logprobs)
+        self.prefix_ids = torch.tensor(_product(range(1, k), MAX_NEW_TOKENS - 1))
+        digits = (self.completion_ids - 1).clamp(min=0)[:, :MAX_NEW_TOKENS - 1]  # word ids -> 0..9
+        place = (k - 1) ** torch.arange(MAX_NEW_TOKENS - 2, -1, -1)
+        self.path_rows = torch.stack([(digits[:, :d] * place[:d]).sum(-1) for d in range(MAX_NEW_TOKENS)], dim=1)
         rewards = [review_reward([VOCAB[t] for t in c]) for c in comps]
         self.reward_table = torch.tensor(rewards).expand(len(self.prompts), -1).contiguous()  # (prompts, completions)
         # reward lookup for sampled completions: a dense table indexed by the base-k code of the ids

@@ -437,3 +437,14 @@ def test_training_stops_on_nan_reward(world_and_sft):
 
     with pytest.raises(ValueError, match="reward function returned NaN or inf"):
         brain.train(brain.Config(steps=2, device="cpu"), sft, NaNReward(), torch.device("cpu"))
+
+
+def test_enumeration_matches_sequence_logprobs(world_and_sft):
+    world, sft, log_sft = world_and_sft
+    g = torch.Generator().manual_seed(4)
+    for p in (0, 7):
+        idx = torch.randint(len(world.completion_ids), (500,), generator=g)
+        y, ym = world.completion_ids[idx], world.completion_mask[idx]
+        x = world.prompt_ids[p:p + 1].expand(len(idx), -1)
+        direct = brain.sequence_logprobs(sft, *brain.join(x, world.prompt_mask[p:p + 1].expand(len(idx), -1), y, ym))
+        torch.testing.assert_close(log_sft[p, idx], direct, rtol=1e-5, atol=1e-5)
