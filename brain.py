@@ -31,10 +31,11 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -487,8 +488,158 @@ def posterior_table(log_sft, reward, beta):
     return torch.log_softmax(log_posterior(log_sft, reward, beta), dim=-1)
 
 
+def reward_kl_frontier(log_sft, reward, betas):
+    """The exact reward-KL frontier: for each beta, the posterior's (E[r], KL(posterior || SFT)).
+    No policy can reach more reward at the same KL to the SFT model."""
+    points = []
+    for beta in betas:
+        log_post = posterior_table(log_sft, reward, beta)
+        m = exact_metrics(log_post, log_sft, log_post, reward)
+        points.append({"beta": beta, "reward": m["reward"], "kl_policy_sft": m["kl_policy_sft"]})
+    return points
+
+
 # ------------------------------------------------------------------------------------------
-# 8. The embedded toy world (not part of the method)
+# 8. Comparing the estimators on equal footing (python brain.py --compare; our protocol)
+#    Every method trains from the same SFT prior on the same sample stream: same seed, prompts,
+#    proposal schedule, steps, optimizer, learning rate and beta. At fixed steps the policy is
+#    frozen, K fresh batches are drawn from the current proposal, and EVERY estimator's gradient
+#    is computed on those same batches at that same policy: the trace of the covariance of the
+#    K gradients is the estimator's variance, the norm of their mean its signal.
+# ------------------------------------------------------------------------------------------
+VARIANTS = {  # name -> (method, DPO labels)
+    "brain": ("brain", "argmax"), "gdcpp": ("gdcpp", "argmax"), "dpg": ("dpg", "argmax"),
+    "dpo-argmax": ("dpo", "argmax"), "dpo-bt": ("dpo", "bt"),
+}
+
+
+def estimator_gradients(cfg, policy, proposal, sft, task, variants, batches, generator, device):
+    """{variant: (batches, num_params)}: each estimator's gradient on the same fresh sample batches."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    shape = (cfg.prompts_per_step, cfg.n_samples)
+    grads = {v: [] for v in variants}
+    for _ in range(batches):
+        seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, generator, device)
+        with autocast(device):
+            policy_logp = sequence_logprobs(policy, *seqs, task.eos_id).view(shape)
+        for v in variants:
+            method, labels = VARIANTS[v]
+            loss = method_loss(method, policy_logp, proposal_logp.view(shape), sft_logp.view(shape),
+                               reward.view(shape), cfg.beta, labels)
+            g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            grads[v].append(torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)]))
+    return {v: torch.stack(g).float() for v, g in grads.items()}
+
+
+def variance_stats(grads):
+    """Trace of the covariance of K gradient draws (unbiased), and the norm of their mean."""
+    mean = grads.mean(0)
+    return {"trace_cov": ((grads - mean) ** 2).sum().item() / (len(grads) - 1), "mean_norm": mean.norm().item()}
+
+
+def brain_gdcpp_gap(cfg, policy, sft, task, generator, device):
+    """||g_BRAIn - g_GDC++|| / ||g_BRAIn|| on one batch, on-policy (proposal = a copy of the
+    policy) and off-policy (proposal = SFT). On-policy b_i = 1 and beta_hat_i = 1/n: the two
+    estimators coincide (up to float rounding); off-policy they do not."""
+    gap = {}
+    for name, proposal in (("on_policy", frozen(policy)), ("off_policy_sft", sft)):
+        g = estimator_gradients(cfg, policy, proposal, sft, task, ("brain", "gdcpp"), 1, generator, device)
+        gap[name] = ((g["brain"] - g["gdcpp"]).norm() / g["brain"].norm().clamp(min=1e-30)).item()
+    return gap
+
+
+def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_every=50, variance_batches=16, show=True):
+    """Train every variant on identical sample streams for `seeds` seeds; exact metrics along the
+    way (every curve_every steps) and estimator variances (every variance_every steps)."""
+    cfg.validate()
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if seeds < 1 or variance_batches < 2:
+        raise ValueError("compare needs seeds >= 1 and variance_batches >= 2")
+    device = pick_device(cfg.device)
+    runs = []
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        seed_everything(seed)
+        world = ToyWorld(device)
+        sft = pretrain_sft(world, replace(cfg, seed=seed), device)
+        log_sft = enumerate_logprobs(sft, world, device)
+        log_post = posterior_table(log_sft, world.reward_table, cfg.beta)
+        runs.append({"method": "sft", "seed": seed, "final": exact_metrics(log_sft, log_sft, log_post, world.reward_table)})
+        runs.append({"method": "posterior", "seed": seed, "final": exact_metrics(log_post, log_sft, log_post, world.reward_table)})
+        for v in variants:
+            method, labels = VARIANTS[v]
+            run_cfg = replace(cfg, method=method, dpo_labels=labels, seed=seed)
+            record = {"method": v, "seed": seed, "curve": [], "variance": []}
+            probe = torch.Generator(device=device).manual_seed(1_000_003 + seed)  # apart from the training stream
+            hook_s = 0.0
+
+            def on_step(step, policy, proposal):
+                nonlocal hook_s
+                t = time.time()
+                last = step == cfg.steps
+                if step % curve_every == 0 or step % variance_every == 0 or last:
+                    m = exact_metrics(enumerate_logprobs(policy, world, device), log_sft, log_post, world.reward_table)
+                    if step % curve_every == 0 or last:
+                        record["curve"].append({"step": step, **m})
+                    if step % variance_every == 0 or last:
+                        g = estimator_gradients(run_cfg, policy, proposal, sft, world, variants, variance_batches, probe, device)
+                        record["variance"].append({
+                            "step": step, "kl_policy_sft": m["kl_policy_sft"],
+                            "estimators": {u: variance_stats(gu) for u, gu in g.items()},
+                            "brain_vs_gdcpp": brain_gdcpp_gap(run_cfg, policy, sft, world, probe, device)})
+                hook_s += time.time() - t
+
+            t0 = time.time()
+            train(run_cfg, sft, world, device, on_step)
+            record["wall_s"] = time.time() - t0 - hook_s  # training alone, without the measurements
+            record["final"] = {k: record["curve"][-1][k] for k in ("reward", "kl_policy_sft", "kl_posterior_policy")}
+            record["grad_var"] = record["variance"][-1]["estimators"][v]["trace_cov"]
+            runs.append(record)
+    result = {"config": asdict(cfg), "seeds": seeds, "variants": list(variants), "device": str(device),
+              "variance_batches": variance_batches, "runs": runs}
+    if show:
+        print_comparison(result)
+    return result
+
+
+def _mean_std(xs):
+    xs = torch.tensor(xs, dtype=torch.float64)
+    return xs.mean().item(), (xs.std().item() if len(xs) > 1 else 0.0)
+
+
+def print_comparison(result):
+    cfg, runs = result["config"], result["runs"]
+    schedule = "SFT (fixed)" if cfg["refresh_every"] == 0 else f"policy, refreshed every {cfg['refresh_every']} steps"
+    print(f"\nEqual footing: {cfg['steps']} steps, B = {cfg['prompts_per_step']}, n = {cfg['n_samples']}, "
+          f"lr = {cfg['lr']}, beta = {cfg['beta']}, proposal = {schedule}; mean +- std over {result['seeds']} seed(s)")
+    print(f"{'method':14s}{'KL(post || .)':>17s}{'KL(. || SFT)':>17s}{'E[r]':>17s}{'grad var':>19s}{'train s':>9s}")
+    for name in ["sft"] + result["variants"] + ["posterior"]:
+        rs = [r for r in runs if r["method"] == name]
+        cells = [" {:7.3f} +- {:5.3f}".format(*_mean_std([r["final"][k] for r in rs]))
+                 for k in ("kl_posterior_policy", "kl_policy_sft", "reward")]
+        var = " {:9.3g} +- {:7.2g}".format(*_mean_std([r["grad_var"] for r in rs])) if "grad_var" in rs[0] else " " * 19
+        wall = f"{_mean_std([r['wall_s'] for r in rs])[0]:9.1f}" if "wall_s" in rs[0] else ""
+        print(f"{name:14s}" + "".join(cells) + var + wall)
+    print("grad var: trace of the covariance of the method's own gradient over "
+          f"{result['variance_batches']} fresh batches, at its final policy.")
+    for anchor in [v for v in ("brain",) if v in result["variants"]]:
+        rs = [r for r in runs if r["method"] == anchor]
+        print(f"\nEstimator variance at the same frozen policies ({anchor}'s checkpoints, mean over seeds):")
+        print(f"{'step':>6s}{'KL(. || SFT)':>14s}" + "".join(f"{v:>12s}" for v in result["variants"])
+              + f"{'BRAIn/GDC++ gap: on-policy':>30s}{'off-policy':>12s}")
+        for i, point in enumerate(rs[0]["variance"]):
+            at = [r["variance"][i] for r in rs]
+            row = f"{point['step']:6d}{_mean_std([a['kl_policy_sft'] for a in at])[0]:14.3f}"
+            row += "".join(f"{_mean_std([a['estimators'][v]['trace_cov'] for a in at])[0]:12.3g}" for v in result["variants"])
+            row += f"{max(a['brain_vs_gdcpp']['on_policy'] for a in at):30.1e}"
+            row += f"{_mean_std([a['brain_vs_gdcpp']['off_policy_sft'] for a in at])[0]:12.2f}"
+            print(row)
+    print("gap: ||g_BRAIn - g_GDC++|| / ||g_BRAIn|| on one batch (on-policy: largest over seeds).")
+
+
+# ------------------------------------------------------------------------------------------
+# 9. The embedded toy world (not part of the method)
 #    Prompts "the <thing> was", completions of up to 4 words from a 10-word vocabulary plus EOS
 #    ("."): 1 + 10 + 100 + 1000 + 10000 = 11,111 completions per prompt, few enough to enumerate.
 #    A tiny GPT-2 (from a config, no download) learns a corpus of little reviews as the SFT
@@ -659,7 +810,7 @@ def pretrain_sft(world, cfg, device):
 
 
 # ------------------------------------------------------------------------------------------
-# 9. The command line
+# 10. The command line
 # ------------------------------------------------------------------------------------------
 def show_samples(world, model, device, title, per_prompt=2, prompts=(0, 5)):
     print(title)
@@ -724,8 +875,21 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=d.seed, help="the one random seed")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--sft-steps", type=int, default=d.sft_steps, help="SFT pretraining steps of the toy prior")
-    p.add_argument("--json", metavar="PATH", help="write the final metrics as JSON to PATH")
+    p.add_argument("--json", metavar="PATH", help="write the final metrics (with --compare: every run) as JSON")
+    p.add_argument("--compare", action="store_true",
+                   help="train every method on identical sample streams and compare (see --methods, --seeds)")
+    p.add_argument("--methods", default=",".join(VARIANTS), help="with --compare: comma-separated, from "
+                   + ", ".join(VARIANTS) + " (dpg is BRAIn without the self-normalised baseline)")
+    p.add_argument("--seeds", type=int, default=3, help="with --compare: seeds seed, seed+1, ...")
     args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in VARIANTS]
+    if unknown or not args.methods:
+        p.error(f"unknown method(s) in --methods: {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json: folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
     cfg = Config(method=args.method, steps=args.steps, prompts_per_step=args.prompts_per_step,
                  n_samples=args.n_samples, beta=args.beta, lr=args.lr, refresh_every=args.refresh_every,
                  dpo_labels=args.dpo_labels, seed=args.seed, device=args.device, sft_steps=args.sft_steps)
@@ -739,7 +903,7 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg, args = parse_args(argv)
     try:
-        results = run(cfg)
+        results = compare(cfg, args.seeds, args.methods) if args.compare else run(cfg)
     except ValueError as e:  # our own checks (bad data, NaN rewards): one line, no traceback
         print(f"brain.py: error: {e}", file=sys.stderr)
         return 1

@@ -448,3 +448,68 @@ def test_enumeration_matches_sequence_logprobs(world_and_sft):
         x = world.prompt_ids[p:p + 1].expand(len(idx), -1)
         direct = brain.sequence_logprobs(sft, *brain.join(x, world.prompt_mask[p:p + 1].expand(len(idx), -1), y, ym))
         torch.testing.assert_close(log_sft[p, idx], direct, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Comparison protocol (--compare)
+# ------------------------------------------------------------------------------------------
+def test_methods_see_identical_sample_streams(world_and_sft):
+    world, sft, _ = world_and_sft
+    seen = {}
+    for method in ("brain", "dpg", "dpo"):
+        batches = []
+
+        class Recording:
+            def __getattr__(self, name):
+                return getattr(world, name)
+
+            def reward(self, x, xm, y, ym):
+                batches.append((x.clone(), y.clone()))
+                return world.reward(x, xm, y, ym)
+
+        brain.train(brain.Config(method=method, steps=4, seed=5, device="cpu"), sft, Recording(), torch.device("cpu"))
+        seen[method] = batches
+    for method in ("dpg", "dpo"):
+        assert len(seen[method]) == 4
+        for (x1, y1), (x2, y2) in zip(seen["brain"], seen[method]):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_variance_stats_is_trace_of_covariance():
+    g = torch.Generator().manual_seed(11)
+    grads = torch.randn(7, 5, generator=g, dtype=torch.float64) * torch.arange(1, 6)
+    stats = brain.variance_stats(grads)
+    assert stats["trace_cov"] == pytest.approx(torch.cov(grads.T).trace().item(), rel=1e-10)
+    assert stats["mean_norm"] == pytest.approx(grads.mean(0).norm().item(), rel=1e-10)
+
+
+def test_compare_runs_every_method_on_equal_footing():
+    out = brain.compare(brain.Config(steps=4, sft_steps=20, device="cpu"), seeds=1, variants=("brain", "gdcpp", "dpo-bt"),
+                        curve_every=2, variance_every=2, variance_batches=2, show=False)
+    runs = {r["method"]: r for r in out["runs"]}
+    assert set(runs) == {"sft", "posterior", "brain", "gdcpp", "dpo-bt"}
+    for v in ("brain", "gdcpp", "dpo-bt"):
+        assert [c["step"] for c in runs[v]["curve"]] == [0, 2, 4]
+        assert [p["step"] for p in runs[v]["variance"]] == [0, 2, 4]
+        for p in runs[v]["variance"]:
+            assert p["brain_vs_gdcpp"]["on_policy"] < 1e-4  # the two coincide on-policy
+    # at step 0 every run has the same policy (SFT) and the same probe batches (dpo-bt's coin
+    # flips come from the global generator, so only the deterministic estimators repeat exactly)
+    for v in ("brain", "gdcpp"):
+        assert runs["brain"]["variance"][0]["estimators"][v] == runs["gdcpp"]["variance"][0]["estimators"][v]
+    assert runs["brain"]["curve"][0] == runs["gdcpp"]["curve"][0]
+    assert runs["sft"]["final"]["kl_posterior_policy"] == pytest.approx(runs["brain"]["curve"][0]["kl_posterior_policy"])
+
+
+def test_posterior_is_the_reward_kl_frontier(world_and_sft):
+    # Gibbs: the posterior maximises E_q[r] - beta KL(q || SFT) over all q; no q lies above it
+    world, _, log_sft = world_and_sft
+    g = torch.Generator().manual_seed(12)
+    points = brain.reward_kl_frontier(log_sft, world.reward_table, [0.5, 1.0, 2.0])
+    assert [p["reward"] for p in points] == sorted([p["reward"] for p in points], reverse=True)
+    for p in points:
+        best = p["reward"] - p["beta"] * p["kl_policy_sft"]
+        for _ in range(5):
+            log_q = torch.log_softmax(log_sft + torch.randn(log_sft.shape, generator=g), -1)
+            r_q = (log_q.exp() * world.reward_table).sum(-1).mean().item()
+            assert r_q - p["beta"] * brain.kl(log_q, log_sft).mean().item() < best
