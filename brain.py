@@ -442,15 +442,15 @@ def train(cfg, sft, task, device, on_step=None):
 #    KL(posterior || policy): how well the policy amortises the posterior (0 is perfect);
 #    KL(policy || SFT) and E_policy[r]: the two axes of the reward-KL frontier.
 # ------------------------------------------------------------------------------------------
-@torch.no_grad()
-def enumerate_logprobs(model, world, device):
+def enumerate_logprobs(model, world, device, grad=False):
     """log q(y|x) of every completion y of every prompt x: a (num_prompts, num_completions) table.
 
     The completions form a tree, and a causal LM reads a prefix the same way whatever follows it:
     one forward pass over the longest prefixes (every 3-word sequence, 1,000 rows per prompt)
     gives the next-token distribution at every node of the tree. Each completion's log-prob is
     the sum of its tokens' log-probs along its path (test_brain.py checks it against
-    sequence_logprobs and against sampling)."""
+    sequence_logprobs and against sampling). grad=True keeps the graph, e.g. for the exact
+    gradient of KL(posterior || policy) = -sum_y posterior(y) grad log q(y) + const."""
     model = model.eval()
     prefixes = world.prefix_ids.to(device)
     rows, steps = world.path_rows.to(device), torch.arange(world.max_new_tokens, device=device)
@@ -460,7 +460,7 @@ def enumerate_logprobs(model, world, device):
         ids = torch.cat([x, prefixes], dim=1)
         attn = torch.cat([world.prompt_mask[p:p + 1].to(device).expand(len(prefixes), -1),
                           torch.ones_like(prefixes)], dim=1)
-        with autocast(device):
+        with torch.set_grad_enabled(grad), autocast(device):
             logits = model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn)).logits
         next_logp = torch.log_softmax(logits[:, x.shape[1] - 1:].float(), dim=-1)  # (prefixes, depth, vocab)
         token_logp = next_logp[rows, steps, world.completion_ids.to(device)]  # (completions, depth)
