@@ -28,6 +28,7 @@ choice. This is a teaching reference, not a library.
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -62,6 +63,7 @@ class Config:
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     sft_steps: int = 300  # embedded world: Adam steps that pretrain the SFT prior
     sft_batch: int = 256  # embedded world: sequences per SFT pretraining step
+    micro_batch: int = 0  # samples per forward/backward (gradient accumulation); 0: all at once
 
     def validate(self):
         """A clear message for each bad hyperparameter, before any work starts."""
@@ -85,6 +87,8 @@ class Config:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0 (0: no accumulation), got {self.micro_batch}")
         if self.sft_steps < 1 or self.sft_batch < 1:
             raise ValueError("sft_steps and sft_batch must be >= 1")
         return self
@@ -305,37 +309,43 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, eos_tok
 
 
 @torch.no_grad()
-def sample_completions(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id=None, generator=None):
+def sample_completions(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id=None,
+                       generator=None, uniforms=None):
     """Draw one completion per row exactly from the model: temperature 1, no top-k/top-p
     (any truncation would make the importance weights wrong). Batched, with the KV cache.
 
     prompt_ids, prompt_mask: (N, P), left-padded. Returns completion ids (N, T), completion
     mask (N, T) (1 up to and including the first EOS) and log q(y|x) of each draw (N,), fp32:
     the log-probs the draws were made with, so the proposal needs no second forward pass.
-    `generator`: a torch.Generator for the draws (default: the global one)."""
+    Each token is drawn by inverting the CDF at a uniform number: `uniforms` (N, T) when given
+    (so that a batch split across processes draws what the whole batch would), else drawn
+    from `generator` (default: the global one)."""
     pad = eos_token_id if pad_token_id is None else pad_token_id
-    n = prompt_ids.shape[0]
+    n, device = prompt_ids.shape[0], prompt_ids.device
+    if uniforms is None:
+        uniforms = torch.rand(n, max_new_tokens, device=device, generator=generator)
     attn = prompt_mask.long()
     pos = _positions(attn)
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
     next_pos = pos[:, -1:] + 1
-    alive = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
-    logp_sum = torch.zeros(n, device=prompt_ids.device)
-    tokens, masks = [], []
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    logp_sum = torch.zeros(n, device=device)
+    tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
+    masks = torch.zeros(n, max_new_tokens, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-        tok = torch.where(alive, tok, torch.full_like(tok, pad))
+        cdf = logp.exp().cumsum(-1)
+        tok = torch.searchsorted(cdf, uniforms[:, t:t + 1] * cdf[:, -1:], right=True).squeeze(-1)
+        tok = torch.where(alive, tok.clamp(max=cdf.shape[-1] - 1), torch.full_like(tok, pad))
         logp_sum += torch.where(alive, logp.gather(-1, tok[:, None]).squeeze(-1), torch.zeros_like(logp_sum))
-        tokens.append(tok)
-        masks.append(alive.long())
+        tokens[:, t], masks[:, t] = tok, alive.long()
         alive = alive & (tok != eos_token_id)
-        if t + 1 == max_new_tokens:
+        if t + 1 == max_new_tokens or (t % 8 == 7 and not alive.any()):  # a device sync every 8 tokens
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=out.cache, use_cache=True)
         next_pos = next_pos + 1
-    return torch.stack(tokens, 1), torch.stack(masks, 1), logp_sum
+    return tokens, masks, logp_sum
 
 
 def join(prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -376,16 +386,28 @@ def frozen(model):
     return model
 
 
+def rank_and_world():
+    """(this process's rank, number of processes): (0, 1) unless torchrun started several."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def score_batch(cfg, proposal, sft, task, generator, device):
     """Draw B prompts, sample n completions per prompt from the proposal and score them, all
     without gradients. Returns the joined sequences and the (B*n,) proposal log-probs,
-    SFT log-probs and rewards."""
+    SFT log-probs and rewards. With several processes, every process draws the same global
+    batch (prompts and uniforms) and keeps its own B / world_size prompts of it."""
+    B, n, T = cfg.prompts_per_step, cfg.n_samples, task.max_new_tokens
     with torch.no_grad(), autocast(device):
-        prompt_idx = torch.randint(len(task.prompt_ids), (cfg.prompts_per_step,), device=device, generator=generator)
-        x = task.prompt_ids[prompt_idx].repeat_interleave(cfg.n_samples, 0)
-        xm = task.prompt_mask[prompt_idx].repeat_interleave(cfg.n_samples, 0)
-        y, ym, proposal_logp = sample_completions(proposal, x, xm, task.max_new_tokens, task.eos_id,
-                                                  generator=generator)
+        prompt_idx = torch.randint(len(task.prompt_ids), (B,), device=device, generator=generator)
+        uniforms = torch.rand(B, n, T, device=device, generator=generator)
+        rank, world = rank_and_world()
+        mine = slice(rank * B // world, (rank + 1) * B // world)
+        prompt_idx, uniforms = prompt_idx[mine], uniforms[mine].reshape(-1, T)
+        x = task.prompt_ids[prompt_idx].repeat_interleave(n, 0)
+        xm = task.prompt_mask[prompt_idx].repeat_interleave(n, 0)
+        y, ym, proposal_logp = sample_completions(proposal, x, xm, T, task.eos_id, task.pad_id, uniforms=uniforms)
         ids, attn, cmask = join(x, xm, y, ym)
         sft_logp = proposal_logp if proposal is sft else sequence_logprobs(sft, ids, attn, cmask, task.eos_id)
         reward = task.reward(x, xm, y, ym).float()
@@ -400,39 +422,83 @@ def sample_stream(seed, device):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def train(cfg, sft, task, device, on_step=None):
-    """Train a copy of `sft` with cfg.method on `task` (prompts, reward, eos). Returns the policy.
+def backward_policy_loss(model, seqs, eos_id, loss_of, micro_batch, device):
+    """loss_of(policy_logp).backward(), with the forward/backward split in micro-batches of
+    `micro_batch` samples when asked (gradient accumulation, to save memory).
 
-    `task` needs: prompt_ids / prompt_mask (P, Lp) left-padded, max_new_tokens, eos_id and
+    Every loss here depends on theta only through the (B, n) log-probs, so
+    grad L = sum_i (dL / d log q_i) grad log q_i: the coefficients come from one no-grad pass
+    over all samples, then sum_i coef_i * log q_i is backpropagated chunk by chunk. Exact for
+    any chunking (a test checks it against the one-pass gradient). Returns the loss."""
+    n_total = seqs[0].shape[0]
+    if not micro_batch or micro_batch >= n_total:
+        with autocast(device):
+            loss = loss_of(sequence_logprobs(model, *seqs, eos_id))
+        loss.backward()
+        return loss
+    chunks = [slice(s, s + micro_batch) for s in range(0, n_total, micro_batch)]
+    plain = getattr(model, "module", model)  # the no-grad pass needs no DDP hooks
+    with torch.no_grad(), autocast(device):
+        logp = torch.cat([sequence_logprobs(plain, *(t[c] for t in seqs), eos_id) for c in chunks])
+    logp.requires_grad_(True)
+    loss = loss_of(logp)
+    (coef,) = torch.autograd.grad(loss, logp)
+    for i, c in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, autocast(device):
+            (coef[c] * sequence_logprobs(model, *(t[c] for t in seqs), eos_id)).sum().backward()
+    return loss.detach()
+
+
+def train(cfg, sft, task, device, on_step=None, policy=None, state=None):
+    """Train `policy` (default: a copy of `sft`) with cfg.method on `task`. Returns the policy.
+
+    `task` needs: prompt_ids / prompt_mask (P, Lp) left-padded, max_new_tokens, eos_id, pad_id and
     reward(prompt_ids, prompt_mask, completion_ids, completion_mask) -> (N,) rewards.
     The policy runs in eval mode (no dropout), so log q_theta is the distribution it samples from.
-    on_step(steps_done, policy, proposal) is called before the first step and after each one."""
+    on_step(steps_done, policy, proposal, info) is called before the first step and after each
+    one; info holds the optimizer, the sample stream and the step's loss and mean reward.
+    `state` (from a checkpoint) restores the optimizer, the sample stream and the step count.
+    Under torchrun the policy is wrapped in DistributedDataParallel: gradients are averaged."""
     sft = sft.eval()
-    policy = copy.deepcopy(sft).eval()
+    policy = (copy.deepcopy(sft) if policy is None else policy).eval()
     for p in policy.parameters():
         p.requires_grad_(True)
+    model = policy
+    if rank_and_world()[1] > 1:
+        model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     proposal = sft if cfg.refresh_every == 0 else frozen(policy)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    B, n = cfg.prompts_per_step, cfg.n_samples
     stream = sample_stream(cfg.seed, device)
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        stream.set_state(state["stream"])
+        start = state["step"]
+    info = {"optimizer": opt, "stream": stream, "loss": None, "reward": None}
     if on_step is not None:
-        on_step(0, policy, proposal)
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.method}", leave=False, dynamic_ncols=True)
+        on_step(start, policy, proposal, info)
+    bar = tqdm(range(start, cfg.steps), desc=f"train {cfg.method}", leave=False, dynamic_ncols=True,
+               initial=start, total=cfg.steps, disable=True if rank_and_world()[0] else None)
     for step in bar:
-        if cfg.refresh_every and step % cfg.refresh_every == 0 and step > 0:
+        if cfg.refresh_every and step % cfg.refresh_every == 0 and step > start:
             proposal.load_state_dict(policy.state_dict())
         seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, stream, device)
-        with autocast(device):
-            policy_logp = sequence_logprobs(policy, *seqs, task.eos_id)
-        loss = method_loss(cfg.method, policy_logp.view(B, n), proposal_logp.view(B, n), sft_logp.view(B, n),
-                           reward.view(B, n), cfg.beta, cfg.dpo_labels)
+        shape = (-1, cfg.n_samples)  # (prompts of this process, n)
+
+        def loss_of(policy_logp):
+            return method_loss(cfg.method, policy_logp.view(shape), proposal_logp.view(shape), sft_logp.view(shape),
+                               reward.view(shape), cfg.beta, cfg.dpo_labels)
+
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = backward_policy_loss(model, seqs, task.eos_id, loss_of, cfg.micro_batch, device)
         opt.step()
         if step % 10 == 0 or step == cfg.steps - 1:  # .item() waits for the device: not every step
             bar.set_postfix(loss=f"{loss.item():.3f}", reward=f"{reward.mean().item():+.2f}")
         if on_step is not None:
-            on_step(step + 1, policy, proposal)
+            info.update(loss=loss.detach(), reward=reward.mean())
+            on_step(step + 1, policy, proposal, info)
     bar.close()
     return policy
 
@@ -574,7 +640,7 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_eve
             probe = torch.Generator(device=device).manual_seed(1_000_003 + seed)  # apart from the training stream
             hook_s = 0.0
 
-            def on_step(step, policy, proposal):
+            def on_step(step, policy, proposal, info):
                 nonlocal hook_s
                 t = time.time()
                 last = step == cfg.steps
@@ -720,7 +786,7 @@ class ToyWorld:
     def __init__(self, device):
         self.vocab = VOCAB
         self.index = {w: i for i, w in enumerate(VOCAB)}
-        self.eos_id = self.index[EOS]
+        self.eos_id = self.pad_id = self.index[EOS]
         self.max_new_tokens = MAX_NEW_TOKENS
         self.subjects = list(SUBJECTS)
         self.prompts = [f"the {s} was" for s in self.subjects]

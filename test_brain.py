@@ -354,6 +354,33 @@ def test_short_run_lowers_kl_and_is_deterministic():
         assert first[key] == second[key]
 
 
+@pytest.mark.parametrize("method", ["brain", "gdcpp", "dpo"])
+def test_micro_batches_give_the_one_pass_gradient(method, world_and_sft):
+    world, sft, _ = world_and_sft
+    cfg = brain.Config(method=method, prompts_per_step=4, n_samples=4, refresh_every=1)
+    proposal = brain.frozen(sft)
+    policy = brain.frozen(sft)
+    with torch.no_grad():  # move the policy away from the proposal so that every term matters
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    seqs, prop, sft_lp, reward = brain.score_batch(cfg, proposal, sft, world, torch.Generator().manual_seed(0), torch.device("cpu"))
+
+    def loss_of(lp):
+        return brain.method_loss(method, lp.view(4, 4), prop.view(4, 4), sft_lp.view(4, 4), reward.view(4, 4), 1.0)
+
+    grads = []
+    for micro in (0, 3, 5):  # one pass; chunks that cut through a prompt's samples
+        policy.zero_grad()
+        torch.manual_seed(0)
+        brain.backward_policy_loss(policy, seqs, world.eos_id, loss_of, micro, torch.device("cpu"))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in policy.parameters()]))
+    assert grads[0].norm() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["dpg", "gdcpp", "dpo"])
 def test_every_method_trains(method, world_and_sft):
     world, sft, log_sft = world_and_sft
