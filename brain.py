@@ -34,7 +34,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -64,6 +66,17 @@ class Config:
     sft_steps: int = 300  # embedded world: Adam steps that pretrain the SFT prior
     sft_batch: int = 256  # embedded world: sequences per SFT pretraining step
     micro_batch: int = 0  # samples per forward/backward (gradient accumulation); 0: all at once
+    # real models (--model); the embedded world ignores these
+    model: Optional[str] = None  # Hugging Face causal LM (Hub name or folder): the SFT prior and the policy's start
+    reward_model: Optional[str] = None  # sequence-classification reward model (Hub name or folder)
+    reward_label: Optional[str] = None  # which logit is the reward, when the reward model has several labels
+    prompts: Optional[str] = None  # JSON lines {"prompt": ..., "reference": ...}; built-in examples if None
+    max_new_tokens: int = 32  # completion length limit, EOS included
+    output_dir: Optional[str] = None  # checkpoints (safetensors), metrics.jsonl, eval.json
+    save_every: int = 0  # checkpoint every K steps (0: only at the end)
+    resume: bool = False  # continue from the last checkpoint in output_dir
+    eval_samples: int = 4  # completions per held-out prompt in the evaluation
+    trust_remote_code: bool = False  # let transformers run code shipped with the model
 
     def validate(self):
         """A clear message for each bad hyperparameter, before any work starts."""
@@ -89,6 +102,14 @@ class Config:
             raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0: no accumulation), got {self.micro_batch}")
+        if self.model is not None and self.reward_model is None:
+            raise ValueError("--model needs --reward-model (a sequence-classification model that scores the text)")
+        if self.model is None and (self.reward_model or self.prompts or self.output_dir or self.resume):
+            raise ValueError("--reward-model, --prompts, --output-dir and --resume go with --model")
+        if self.resume and not self.output_dir:
+            raise ValueError("--resume needs --output-dir (where the checkpoint is)")
+        if self.max_new_tokens < 1 or self.eval_samples < 1 or self.save_every < 0:
+            raise ValueError("max_new_tokens and eval_samples must be >= 1, save_every >= 0")
         if self.sft_steps < 1 or self.sft_batch < 1:
             raise ValueError("sft_steps and sft_batch must be >= 1")
         return self
@@ -497,7 +518,11 @@ def train(cfg, sft, task, device, on_step=None, policy=None, state=None):
         if step % 10 == 0 or step == cfg.steps - 1:  # .item() waits for the device: not every step
             bar.set_postfix(loss=f"{loss.item():.3f}", reward=f"{reward.mean().item():+.2f}")
         if on_step is not None:
-            info.update(loss=loss.detach(), reward=reward.mean())
+            stats = torch.stack([loss.detach(), reward.mean()])
+            if rank_and_world()[1] > 1:  # log the global batch's averages, not this process's
+                torch.distributed.all_reduce(stats)
+                stats /= rank_and_world()[1]
+            info.update(loss=stats[0], reward=stats[1])
             on_step(step + 1, policy, proposal, info)
     bar.close()
     return policy
@@ -876,7 +901,324 @@ def pretrain_sft(world, cfg, device):
 
 
 # ------------------------------------------------------------------------------------------
-# 10. The command line
+# 10. Real models (--model): any Hugging Face causal LM as the prior, a sequence-classification
+#     reward model, prompts from a JSON-lines file, checkpoints, several GPUs with torchrun.
+#     The same loop and the same losses as above; only the task and the bookkeeping change.
+# ------------------------------------------------------------------------------------------
+BUILTIN_PROMPTS = [
+    "Summarize: The city council approved a new park on the east side after months of debate.",
+    "Write a friendly reply to a customer whose order arrived late.",
+    "Explain in one sentence why the sky is blue.",
+    "Give one tip for a good night's sleep.",
+    "Describe a rainy morning in two sentences.",
+    "Summarize: The team shipped the release on time despite a last-minute bug.",
+    "Suggest a name for a small coffee shop.",
+    "Tell a short story about a lost cat finding its way home.",
+]
+
+
+def load_prompts(path):
+    """Rows {"prompt": str, "reference": str or None} from a JSON-lines file, or the built-in examples."""
+    if path is None:
+        return [{"prompt": p, "reference": None, "line": i + 1} for i, p in enumerate(BUILTIN_PROMPTS)]
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompts: no such file: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {k}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or "prompt" not in obj:
+                raise ValueError(f'{path}: line {k}: no "prompt" field (each line is {{"prompt": ..., "reference": ...}})')
+            if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+                raise ValueError(f"{path}: line {k}: empty prompt")
+            ref = obj.get("reference")
+            if ref is not None and not isinstance(ref, str):
+                raise ValueError(f'{path}: line {k}: "reference" must be a string')
+            rows.append({"prompt": obj["prompt"], "reference": ref, "line": k})
+    if not rows:
+        raise ValueError(f"{path}: no prompts in the file")
+    return rows
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _check_model_folder(name, what):
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise ValueError(f"{what} {name!r} is a folder without config.json: not a saved Hugging Face model")
+
+
+def _check_all_weights_loaded(name, info, what):
+    """transformers fills weights missing from a checkpoint with random ones (e.g. a causal LM
+    loaded as a classifier gets a random head): for us that is an error, not a warning."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(f"cannot load {what} from {name!r}: the checkpoint lacks {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''} (they would be random)")
+
+
+def load_causal_lm(name, trust_remote_code=False):
+    """The SFT prior (and the policy's start) and its tokenizer, from a Hub name or a folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_model_folder(name, "--model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                           output_loading_info=True)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError...: one line for the user
+        raise ValueError(f"cannot load a causal LM and its tokenizer from {name!r}: {_first_line(e)}") from None
+    _check_all_weights_loaded(name, info, "a causal LM")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {name!r} has no EOS token: completions could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        if rank_and_world()[0] == 0:
+            print(f"note: the tokenizer of {name} has no pad token; using its EOS token {tokenizer.eos_token!r} as pad")
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+class RewardModel:
+    """r(x, y) = one logit of an AutoModelForSequenceClassification on the decoded text x + y,
+    re-encoded with the reward model's own tokenizer."""
+
+    def __init__(self, name, label=None, trust_remote_code=False, device="cpu"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        _check_model_folder(name, "--reward-model")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, trust_remote_code=trust_remote_code, output_loading_info=True)
+        except Exception as e:
+            raise ValueError(f"cannot load a reward model (sequence classification) from {name!r}: {_first_line(e)}") from None
+        _check_all_weights_loaded(name, info, "a reward model (sequence classification)")
+        labels = [self.model.config.id2label.get(i, str(i)) for i in range(self.model.config.num_labels)]
+        if len(labels) == 1 and label is None:
+            self.index = 0
+        elif label is None:
+            raise ValueError(f"the reward model {name!r} has {len(labels)} labels ({', '.join(labels)}); "
+                             "choose the one that means 'good' with --reward-label")
+        elif label in labels:
+            self.index = labels.index(label)
+        elif label.isdigit() and int(label) < len(labels):
+            self.index = int(label)
+        else:
+            raise ValueError(f"--reward-label {label!r} is not a label of {name!r}: {', '.join(labels)}")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id  # models that read the last non-pad token
+        self.model.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def score(self, texts):
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                             max_length=getattr(self.tokenizer, "model_max_length", None) if
+                             (getattr(self.tokenizer, "model_max_length", 0) or 0) < 1_000_000 else None)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        with autocast(self.device):
+            return self.model(**enc).logits[:, self.index].float()
+
+
+class TextTask:
+    """Prompts tokenized once (left-padded) and the reward model, in the form train() expects."""
+
+    def __init__(self, rows, tokenizer, reward_model, max_new_tokens, context, device, source):
+        self.tokenizer, self.rm = tokenizer, reward_model
+        self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.rows = rows
+        for row in rows:
+            length = len(tokenizer(row["prompt"])["input_ids"])
+            if length == 0:
+                raise ValueError(f"{source}: line {row['line']}: the prompt encodes to no tokens")
+            if context and length + max_new_tokens > context:
+                raise ValueError(f"{source}: line {row['line']}: the prompt is {length} tokens; with --max-new-tokens "
+                                 f"{max_new_tokens} it exceeds the model's context of {context} tokens")
+        enc = tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True)
+        self.prompt_ids, self.prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def texts(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        prompts = self.tokenizer.batch_decode(torch.where(prompt_mask.bool(), prompt_ids, self.pad_id), skip_special_tokens=True)
+        completions = self.tokenizer.batch_decode(torch.where(completion_mask.bool(), completion_ids, self.pad_id),
+                                                  skip_special_tokens=True)
+        return prompts, completions
+
+    def reward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        prompts, completions = self.texts(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return self.rm.score([p + c for p, c in zip(prompts, completions)]).to(prompt_ids.device)
+
+
+def model_context(model):
+    """The longest sequence the model takes, when its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+CHECKPOINT_STATE = "trainer_state.pt"
+
+
+def save_checkpoint(out_dir, step, policy, tokenizer, info):
+    """Write the policy (safetensors) to a temporary folder and rename it, so that a crash never
+    leaves a broken checkpoint; then point `latest` at it and drop the older ones."""
+    final = os.path.join(out_dir, f"checkpoint-{step:06d}")
+    tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=out_dir)
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": info["optimizer"].state_dict(), "stream": info["stream"].get_state()},
+               os.path.join(tmp, CHECKPOINT_STATE))
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    with open(os.path.join(out_dir, ".latest.tmp"), "w") as f:
+        f.write(os.path.basename(final) + "\n")
+    os.replace(os.path.join(out_dir, ".latest.tmp"), os.path.join(out_dir, "latest"))
+    for old in os.listdir(out_dir):
+        if old.startswith("checkpoint-") and old != os.path.basename(final):
+            shutil.rmtree(os.path.join(out_dir, old))
+    return final
+
+
+def latest_checkpoint(out_dir):
+    path = os.path.join(out_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return os.path.join(out_dir, f.read().strip())
+
+
+@torch.no_grad()
+def evaluate_text(policy, sft, task, rows, cfg, device):
+    """Held-out prompts, cfg.eval_samples completions each from the policy and from the SFT model:
+    mean rewards, win rates judged by the reward model (ties count half), and a Monte Carlo
+    KL(policy || SFT) = E_policy[log q(y|x) - log p(y|x)] from the policy's own samples."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    enc = task.tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True)
+    k = cfg.eval_samples
+    x, xm = enc["input_ids"].to(device).repeat_interleave(k, 0), enc["attention_mask"].to(device).repeat_interleave(k, 0)
+    with autocast(device):
+        y, ym, policy_logp = sample_completions(policy, x, xm, task.max_new_tokens, task.eos_id, task.pad_id, generator=gen)
+        y0, ym0, _ = sample_completions(sft, x, xm, task.max_new_tokens, task.eos_id, task.pad_id, generator=gen)
+        sft_logp = sequence_logprobs(sft, *join(x, xm, y, ym), task.eos_id)
+    r_policy, r_sft = task.reward(x, xm, y, ym), task.reward(x, xm, y0, ym0)
+    wins = lambda a, b: ((a > b).float() + 0.5 * (a == b).float()).mean().item()
+    out = {"prompts": len(rows), "samples_per_prompt": k,
+           "reward_policy": r_policy.mean().item(), "reward_sft": r_sft.mean().item(),
+           "win_rate_vs_sft": wins(r_policy, r_sft),
+           "kl_policy_sft_mc": (policy_logp - sft_logp).mean().item()}
+    with_ref = [i for i, r in enumerate(rows) if r["reference"]]
+    if with_ref:
+        r_ref = task.rm.score([rows[i]["prompt"] + rows[i]["reference"] for i in with_ref]).to(device)
+        r_pol = r_policy.view(len(rows), k)[with_ref]
+        out["win_rate_vs_reference"] = wins(r_pol, r_ref[:, None].expand_as(r_pol))
+        out["reward_reference"] = r_ref.mean().item()
+    prompts, completions = task.texts(x, xm, y, ym)
+    out["examples"] = [{"prompt": p, "policy": c} for p, c in list(zip(prompts, completions))[::k][:4]]
+    return out
+
+
+def setup_distributed(cfg):
+    """torchrun sets WORLD_SIZE: then one process per device, NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return pick_device(cfg.device)
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def run_model(cfg):
+    """--model: train a Hugging Face causal LM against a reward model, checkpoint, evaluate."""
+    cfg.validate()
+    device = setup_distributed(cfg)
+    rank, world = rank_and_world()
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of processes ({world})")
+    # check everything before anything is written
+    rows = load_prompts(cfg.prompts)
+    out_dir = cfg.output_dir
+    resume_from = latest_checkpoint(out_dir) if out_dir else None
+    if cfg.resume and resume_from is None:
+        raise ValueError(f"--resume: no checkpoint in {out_dir}")
+    if resume_from and not cfg.resume:
+        raise ValueError(f"{out_dir} already holds a checkpoint; pass --resume to continue it, or choose another --output-dir")
+    seed_everything(cfg.seed)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # missing weights are our errors (see above), not warnings
+    transformers.logging.disable_progress_bar()
+    sft, tokenizer = load_causal_lm(cfg.model, cfg.trust_remote_code)
+    rm = RewardModel(cfg.reward_model, cfg.reward_label, cfg.trust_remote_code, device)
+    train_rows, eval_rows = (rows[:-max(1, len(rows) // 5)], rows[-max(1, len(rows) // 5):]) if len(rows) > 1 else (rows, rows)
+    source = cfg.prompts or "built-in prompts"
+    task = TextTask(train_rows, tokenizer, rm, cfg.max_new_tokens, model_context(sft), device, source)
+    TextTask(eval_rows, tokenizer, rm, cfg.max_new_tokens, model_context(sft), device, source)  # same checks
+    policy, state = None, None
+    if resume_from:
+        policy, _ = load_causal_lm(resume_from, cfg.trust_remote_code)
+        state = torch.load(os.path.join(resume_from, CHECKPOINT_STATE), map_location="cpu", weights_only=True)
+    sft = frozen(sft.to(device))
+    policy = policy.to(device) if policy is not None else None
+    if out_dir and rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+    t0 = time.time()
+
+    def on_step(step, policy, proposal, info):
+        if rank != 0 or info["loss"] is None or not out_dir:
+            return
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "loss": info["loss"].item(), "reward": info["reward"].item(),
+                                "seconds": round(time.time() - t0, 3)}) + "\n")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            save_checkpoint(out_dir, step, policy, tokenizer, info)
+
+    if rank == 0:
+        start = state["step"] if state else 0
+        print(f"training {cfg.model} with {cfg.method} on {len(train_rows)} prompts "
+              f"(held out: {len(eval_rows)}), steps {start} -> {cfg.steps}, {world} process(es) on {device}")
+    policy = train(cfg, sft, task, device, on_step, policy=policy, state=state)
+    results = None
+    if rank == 0:
+        results = evaluate_text(policy, sft, task, eval_rows, cfg, device)
+        results["config"] = asdict(cfg)
+        results["train_s"] = round(time.time() - t0, 2)
+        print_text_results(results)
+        if out_dir:
+            with open(os.path.join(out_dir, "eval.json"), "w") as f:
+                json.dump(results, f, indent=2)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def print_text_results(res):
+    print(f"\nHeld-out evaluation ({res['prompts']} prompts x {res['samples_per_prompt']} samples, judged by the reward model)")
+    print(f"  mean reward   policy {res['reward_policy']:+.3f}   SFT {res['reward_sft']:+.3f}")
+    print(f"  win rate of the policy over the SFT model: {res['win_rate_vs_sft']:.1%}")
+    if "win_rate_vs_reference" in res:
+        print(f"  win rate of the policy over the references: {res['win_rate_vs_reference']:.1%}")
+    print(f"  KL(policy || SFT), Monte Carlo: {res['kl_policy_sft_mc']:.3f} nats")
+    for ex in res["examples"]:
+        print(f"  {ex['prompt']!r} -> {ex['policy']!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# 11. The command line
 # ------------------------------------------------------------------------------------------
 def show_samples(world, model, device, title, per_prompt=2, prompts=(0, 5)):
     print(title)
@@ -941,6 +1283,19 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=d.seed, help="the one random seed")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--sft-steps", type=int, default=d.sft_steps, help="SFT pretraining steps of the toy prior")
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch,
+                   help="samples per forward/backward, for memory (0: all B*n at once)")
+    g = p.add_argument_group("real models (any Hugging Face causal LM; torchrun for several GPUs)")
+    g.add_argument("--model", metavar="NAME_OR_DIR", help="causal LM: the SFT prior and the policy's start")
+    g.add_argument("--reward-model", metavar="NAME_OR_DIR", help="sequence-classification reward model")
+    g.add_argument("--reward-label", help="the reward model's label whose logit is the reward (if it has several)")
+    g.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": ..., "reference": ...} per line')
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="completion length limit")
+    g.add_argument("--output-dir", help="checkpoints, metrics.jsonl and eval.json go here")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every K steps (0: at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--eval-samples", type=int, default=d.eval_samples, help="completions per held-out prompt")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model (off by default)")
     p.add_argument("--json", metavar="PATH", help="write the final metrics (with --compare: every run) as JSON")
     p.add_argument("--compare", action="store_true",
                    help="train every method on identical sample streams and compare (see --methods, --seeds)")
@@ -952,13 +1307,21 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in VARIANTS]
     if unknown or not args.methods:
         p.error(f"unknown method(s) in --methods: {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    if args.compare and args.model:
+        p.error("--compare runs on the embedded world (exact metrics); it does not take --model")
+    if not args.model and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("several processes (torchrun) are for --model runs; the embedded world runs in one")
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json: folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
     cfg = Config(method=args.method, steps=args.steps, prompts_per_step=args.prompts_per_step,
                  n_samples=args.n_samples, beta=args.beta, lr=args.lr, refresh_every=args.refresh_every,
-                 dpo_labels=args.dpo_labels, seed=args.seed, device=args.device, sft_steps=args.sft_steps)
+                 dpo_labels=args.dpo_labels, seed=args.seed, device=args.device, sft_steps=args.sft_steps,
+                 micro_batch=args.micro_batch, model=args.model, reward_model=args.reward_model,
+                 reward_label=args.reward_label, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                 output_dir=args.output_dir, save_every=args.save_every, resume=args.resume,
+                 eval_samples=args.eval_samples, trust_remote_code=args.trust_remote_code)
     try:
         cfg.validate()
     except ValueError as e:
@@ -969,11 +1332,14 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg, args = parse_args(argv)
     try:
-        results = compare(cfg, args.seeds, args.methods) if args.compare else run(cfg)
+        if cfg.model:
+            results = run_model(cfg)
+        else:
+            results = compare(cfg, args.seeds, args.methods) if args.compare else run(cfg)
     except ValueError as e:  # our own checks (bad data, NaN rewards): one line, no traceback
         print(f"brain.py: error: {e}", file=sys.stderr)
         return 1
-    if args.json:
+    if args.json and results is not None:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
         print(f"\nmetrics written to {args.json}")

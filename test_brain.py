@@ -5,6 +5,7 @@ log-probs token by token, exact evaluation against Monte Carlo.
     python -m pytest -q test_brain.py
 """
 
+import json
 import math
 import os
 import subprocess
@@ -475,6 +476,180 @@ def test_enumeration_matches_sequence_logprobs(world_and_sft):
         x = world.prompt_ids[p:p + 1].expand(len(idx), -1)
         direct = brain.sequence_logprobs(sft, *brain.join(x, world.prompt_mask[p:p + 1].expand(len(idx), -1), y, ym))
         torch.testing.assert_close(log_sft[p, idx], direct, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Real models (--model): tiny Hugging Face models built here and saved with save_pretrained
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A GPT-2 and a Llama with a word-level tokenizer (no pad token), and two GPT-2 reward
+    models with a character-level tokenizer (one logit; two labels)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, PreTrainedTokenizerFast)
+
+    root = tmp_path_factory.mktemp("tiny")
+    words = "the a cat dog sat ran on mat home good bad great day is was and story".split()
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    wl = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    wl.pre_tokenizer, wl.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(prefix="##")
+    lm_tok = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="<eos>", unk_token="<unk>")
+    torch.manual_seed(0)
+    lms = {
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                                           bos_token_id=1, eos_token_id=1)),
+        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                              max_position_embeddings=32, bos_token_id=1, eos_token_id=1)),
+    }
+    for name, model in lms.items():
+        model.save_pretrained(root / name)
+        lm_tok.save_pretrained(root / name)
+    chars = {"[PAD]": 0, "[UNK]": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz .")}}
+    cl = Tokenizer(models.WordLevel(chars, unk_token="[UNK]"))
+    cl.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    rm_tok = PreTrainedTokenizerFast(tokenizer_object=cl, pad_token="[PAD]", unk_token="[UNK]")
+    for name, labels in (("rm", {0: "LABEL_0"}), ("rm2", {0: "bad", 1: "good"})):
+        cfg = GPT2Config(vocab_size=len(chars), n_positions=128, n_embd=16, n_layer=1, n_head=2, pad_token_id=0,
+                         bos_token_id=0, eos_token_id=0, num_labels=len(labels), id2label=labels,
+                         label2id={v: k for k, v in labels.items()})
+        GPT2ForSequenceClassification(cfg).save_pretrained(root / name)
+        rm_tok.save_pretrained(root / name)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "the cat sat on the mat", "reference": "and was good"},
+        {"prompt": "a dog ran home"}, {"prompt": "the day is"}, {"prompt": "a story"},
+        {"prompt": "the mat was", "reference": "great"}]) + "\n")
+    return root
+
+
+def tiny_argv(root, out, *extra, model="gpt2"):
+    return ["--model", str(root / model), "--reward-model", str(root / "rm"), "--prompts", str(root / "prompts.jsonl"),
+            "--steps", "4", "--prompts-per-step", "4", "--n-samples", "3", "--max-new-tokens", "6",
+            "--output-dir", str(out), "--seed", "1", *extra]
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_model_cli_trains_checkpoints_and_resumes(arch, tiny_models, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    assert brain.main(tiny_argv(tiny_models, out, "--save-every", "2", "--steps", "2", model=arch)) == 0
+    assert (out / "latest").read_text().strip() == "checkpoint-000002"
+    assert brain.main(tiny_argv(tiny_models, out, "--save-every", "2", "--resume", model=arch)) == 0  # 2 -> 4
+    text = capsys.readouterr().out
+    assert "steps 2 -> 4" in text and "win rate of the policy over the SFT model" in text
+    assert "over the references" in text  # two prompts have a "reference"; one of them is held out
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["reward"]) for m in lines)
+    ckpt = out / "checkpoint-000004"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-000004"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    # the resumed run is the uninterrupted run: same weights after 4 steps
+    straight = tmp_path / "straight"
+    assert brain.main(tiny_argv(tiny_models, straight, model=arch)) == 0
+    a, b = weights(ckpt), weights(straight / "checkpoint-000004")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert any((a[k] - weights(tiny_models / arch)[k]).abs().max() > 1e-4 for k in a)  # and it trained
+    # the checkpoint is a model that from_pretrained loads and that generates
+    model, tok = AutoModelForCausalLM.from_pretrained(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("the cat", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=1).shape[1] > ids.shape[1]
+    assert json.loads((out / "eval.json").read_text())["prompts"] == 1
+
+
+def test_model_cli_micro_batches_and_pad_note(tiny_models, tmp_path, capsys):
+    assert brain.main(tiny_argv(tiny_models, tmp_path / "mb", "--micro-batch", "5", "--steps", "1")) == 0
+    assert "no pad token; using its EOS token" in capsys.readouterr().out
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed", "no_prompt", "empty", "too_long", "labels", "bad_label",
+                                  "not_a_model", "not_a_reward_model"])
+def test_model_cli_bad_input_is_one_clear_line(case, tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    argv = tiny_argv(tiny_models, out)
+    at = argv.index
+    expected = {
+        "missing": "no such file",
+        "malformed": "line 2: not valid JSON",
+        "no_prompt": 'line 3: no "prompt" field',
+        "empty": "line 1: empty prompt",
+        "too_long": "line 2: the prompt is 30 tokens; with --max-new-tokens 6 it exceeds the model's context of 32",
+        "labels": "has 2 labels (bad, good); choose the one that means 'good' with --reward-label",
+        "bad_label": "--reward-label 'nice' is not a label",
+        "not_a_model": "folder without config.json",
+        "not_a_reward_model": "cannot load a reward model",
+    }[case]
+    if case == "missing":
+        argv[at("--prompts") + 1] = str(tmp_path / "nope.jsonl")
+    elif case == "malformed":
+        argv[at("--prompts") + 1] = write(tmp_path / "p.jsonl", '{"prompt": "the cat"}\n{"prompt": "the dog"\n')
+    elif case == "no_prompt":
+        argv[at("--prompts") + 1] = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n\n{"text": "the dog"}\n')
+    elif case == "empty":
+        argv[at("--prompts") + 1] = write(tmp_path / "p.jsonl", '{"prompt": "  "}\n')
+    elif case == "too_long":
+        argv[at("--prompts") + 1] = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n' + json.dumps({"prompt": "the cat " * 15}) + "\n")
+    elif case in ("labels", "bad_label"):
+        argv[at("--reward-model") + 1] = str(tiny_models / "rm2")
+        argv += ["--reward-label", "nice"] if case == "bad_label" else []
+    elif case == "not_a_model":
+        argv[at("--model") + 1] = str(tmp_path)
+    elif case == "not_a_reward_model":
+        argv[at("--reward-model") + 1] = str(tiny_models / "gpt2")
+    assert brain.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert expected in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written, nothing lost
+
+
+def test_model_cli_keeps_an_existing_checkpoint(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert brain.main(tiny_argv(tiny_models, out, "--steps", "1")) == 0
+    before = {p.name for p in out.iterdir()}
+    assert brain.main(tiny_argv(tiny_models, out, "--steps", "1")) == 1  # no --resume: refuse, touch nothing
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} == before
+
+
+def test_two_processes_match_one_on_the_same_global_batch(tiny_models, tmp_path):
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    single = subprocess.run([sys.executable, os.path.join(HERE, "brain.py"), *tiny_argv(tiny_models, one)],
+                            capture_output=True, text=True, cwd=HERE, env=env)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                          os.path.join(HERE, "brain.py"), *tiny_argv(tiny_models, two)],
+                         capture_output=True, text=True, cwd=HERE, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es)" in ddp.stdout
+    a, b = weights(one / "checkpoint-000004"), weights(two / "checkpoint-000004")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    la = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(la, lb):  # the logged loss and reward are the global batch's
+        assert x["step"] == y["step"]
+        assert x["reward"] == pytest.approx(y["reward"], rel=1e-4, abs=1e-6)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-3, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
