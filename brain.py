@@ -1218,7 +1218,156 @@ def print_text_results(res):
 
 
 # ------------------------------------------------------------------------------------------
-# 11. The command line
+# 11. Benchmark (python brain.py --bench): is a BRAIn step as cheap as fine-tuning on the samples?
+#     Ratios on the same machine, so that machine noise cancels.
+# ------------------------------------------------------------------------------------------
+def _timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+
+def bench_model(name, model, prompt_ids, B, n, T, device, reward_fn, steps=10, warmup=3):
+    """One row of the benchmark for `model` (a Hugging Face causal LM) with B prompts x n samples."""
+    model = model.to(device).eval()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    N, P = B * n, prompt_ids.shape[1]
+    x = prompt_ids.to(device).repeat_interleave(n, 0)
+    xm = torch.ones_like(x)
+    # 1. one optimizer step on a fixed batch: BRAIn (scores precomputed) against plain cross-entropy
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad(), autocast(device):
+        y, _, proposal_logp = sample_completions(model, x, xm, T, eos_token_id=-1, generator=g)  # T tokens each
+    ids, attn, cmask = join(x, xm, y, torch.ones_like(y))
+    proposal_logp = proposal_logp.view(B, n)
+    target_logp = proposal_logp + torch.randn(B, n, device=device, generator=g)
+    targets = torch.where(cmask[:, 1:].bool(), ids[:, 1:], -100)
+
+    def brain_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            policy_logp = sequence_logprobs(model, ids, attn, cmask, eos_token_id=-1)
+        brain_loss(policy_logp.view(B, n), proposal_logp, target_logp).backward()
+        opt.step()
+
+    def ce_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)).backward()
+        opt.step()
+
+    times = {"brain": [], "ce": []}
+    for i in tqdm(range(warmup + steps), desc=f"bench {name}", leave=False):  # interleaved, so that drift hits both alike
+        for key, fn in (("brain", brain_step), ("ce", ce_step)):
+            t = _timed(fn, device)
+            if i >= warmup:
+                times[key].append(t)
+    # 2. sampling: the loop's sampler against a bare generate() of the same shape and settings
+    def ours():
+        sample_completions(model, x, xm, T, eos_token_id=-1, generator=g)
+
+    def bare():
+        model.generate(input_ids=x, attention_mask=xm, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                       max_new_tokens=T, min_new_tokens=T, pad_token_id=0)
+
+    sampling = {"ours": [], "generate": []}
+    with torch.no_grad(), autocast(device):
+        for i in range(2 + 5):
+            for key, fn in (("ours", ours), ("generate", bare)):
+                t = _timed(fn, device)
+                if i >= 2:
+                    sampling[key].append(t)
+    # 3. where a training step's time goes (proposal = a copy of the policy, so the SFT model is scored too)
+    sft = frozen(model)
+    cfg = Config(prompts_per_step=B, n_samples=n, refresh_every=1)
+    task = type("BenchTask", (), dict(prompt_ids=prompt_ids.to(device), prompt_mask=torch.ones_like(prompt_ids).to(device),
+                                      max_new_tokens=T, eos_id=-1, pad_id=0, reward=staticmethod(reward_fn)))()
+    phases = {"sampling": [], "scoring": [], "update": []}
+    for i in range(2 + 5):
+        with torch.no_grad(), autocast(device):
+            out = {}
+            t_sample = _timed(lambda: out.update(s=sample_completions(model, x, xm, T, -1, generator=g)), device)
+            yy, yym, lq = out["s"]
+            seqs = join(x, xm, yy, yym)
+            t_score = _timed(lambda: out.update(sft=sequence_logprobs(sft, *seqs, -1), r=reward_fn(x, xm, yy, yym)), device)
+
+        def update():
+            opt.zero_grad(set_to_none=True)
+            backward_policy_loss(model, seqs, -1, lambda lp: method_loss("brain", lp.view(B, n), lq.view(B, n),
+                                 out["sft"].view(B, n), out["r"].view(B, n), 1.0), 0, device)
+            opt.step()
+
+        t_update = _timed(update, device)
+        if i >= 2:
+            for k, t in zip(phases, (t_sample, t_score, t_update)):
+                phases[k].append(t)
+    del cfg, task
+    step_s = {k: _median(v) for k, v in phases.items()}
+    total = sum(step_s.values())
+    row = {
+        "model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "B": B, "n": n,
+        "prompt_tokens": P, "new_tokens": T,
+        "brain_step_s": _median(times["brain"]), "ce_step_s": _median(times["ce"]),
+        "sampler_tok_s": N * T / _median(sampling["ours"]), "generate_tok_s": N * T / _median(sampling["generate"]),
+        "share": {k: v / total for k, v in step_s.items()}, "train_step_s": total,
+    }
+    row["step_ratio"] = row["brain_step_s"] / row["ce_step_s"]
+    row["sampler_ratio"] = row["sampler_tok_s"] / row["generate_tok_s"]
+    del sft
+    return row
+
+
+def bench(cfg, show=True):
+    """The benchmark table: the embedded model and a GPT-2-small-sized model built from a config."""
+    import resource
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    world = ToyWorld(device)
+    rows = [bench_model("embedded GPT-2 (toy)", world.new_model().gpt, world.prompt_ids[torch.arange(16) % 8], 16, 8,
+                        MAX_NEW_TOKENS, device, lambda x, xm, y, ym: world.reward(x, xm, y.clamp(max=10), ym))]
+    # GPT-2 small on a CPU takes seconds a step: a smaller batch there (the ratios are what count)
+    big_B, big_n, big_P, big_T = (16, 8, 16, 64) if device.type == "cuda" else (2, 2, 8, 16)
+    gpt2 = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 layers, 768 wide, 124M parameters, random weights
+    prompts = torch.randint(0, gpt2.config.vocab_size, (big_B, big_P))
+    token_score = torch.randn(gpt2.config.vocab_size, device=device)  # a synthetic reward: mean per-token score
+    rows.append(bench_model("GPT-2-small-sized", gpt2, prompts, big_B, big_n, big_T, device,
+                            lambda x, xm, y, ym: token_score[y].mean(-1)))
+    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if show:
+        print(f"\nBenchmark on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads); medians")
+        print(f"{'model':24s}{'params':>8s}{'B x n':>8s}{'tokens':>8s}{'BRAIn step':>12s}{'CE step':>10s}{'ratio':>7s}"
+              f"{'sampler tok/s':>15s}{'generate':>10s}{'ratio':>7s}   step: sample / score / update")
+        for r in rows:
+            sh = r["share"]
+            print(f"{r['model']:24s}{r['params_m']:7.1f}M{r['B']:>4d} x{r['n']:<2d}{r['prompt_tokens']:>4d}+{r['new_tokens']:<3d}"
+                  f"{r['brain_step_s'] * 1e3:10.1f}ms{r['ce_step_s'] * 1e3:8.1f}ms{r['step_ratio']:7.3f}"
+                  f"{r['sampler_tok_s']:15.0f}{r['generate_tok_s']:10.0f}{r['sampler_ratio']:7.3f}"
+                  f"   {sh['sampling']:.0%} / {sh['scoring']:.0%} / {sh['update']:.0%} of {r['train_step_s'] * 1e3:.0f} ms")
+        print(f"peak memory: {result['peak_rss_mb']:.0f} MB RSS" +
+              (f", {result['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in result else ""))
+        print("ratio (step): BRAIn step / plain cross-entropy step on the same tokens; ratio (sampler): "
+              "our sampler's tokens/s / generate()'s.")
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# 12. The command line
 # ------------------------------------------------------------------------------------------
 def show_samples(world, model, device, title, per_prompt=2, prompts=(0, 5)):
     print(title)
@@ -1301,6 +1450,8 @@ def parse_args(argv=None):
                    help="train every method on identical sample streams and compare (see --methods, --seeds)")
     p.add_argument("--methods", default=",".join(VARIANTS), help="with --compare: comma-separated, from "
                    + ", ".join(VARIANTS) + " (dpg is BRAIn without the self-normalised baseline)")
+    p.add_argument("--bench", action="store_true",
+                   help="benchmark a BRAIn step against plain fine-tuning, and the sampler against generate()")
     p.add_argument("--seeds", type=int, default=3, help="with --compare: seeds seed, seed+1, ...")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -1332,7 +1483,9 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg, args = parse_args(argv)
     try:
-        if cfg.model:
+        if args.bench:
+            results = bench(cfg)
+        elif cfg.model:
             results = run_model(cfg)
         else:
             results = compare(cfg, args.seeds, args.methods) if args.compare else run(cfg)

@@ -652,6 +652,14 @@ def test_two_processes_match_one_on_the_same_global_batch(tiny_models, tmp_path)
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-3, abs=1e-6)
 
 
+def test_bench_row_measures_both_sides(tiny_gpt2):
+    row = brain.bench_model("tiny", tiny_gpt2, torch.randint(2, 11, (2, 3)), 2, 2, 4, torch.device("cpu"),
+                            lambda x, xm, y, ym: y.float().mean(-1), steps=2, warmup=1)
+    assert row["brain_step_s"] > 0 and row["ce_step_s"] > 0 and row["sampler_tok_s"] > 0 and row["generate_tok_s"] > 0
+    assert sum(row["share"].values()) == pytest.approx(1.0)
+    assert row["step_ratio"] == pytest.approx(row["brain_step_s"] / row["ce_step_s"])
+
+
 # ------------------------------------------------------------------------------------------
 # Comparison protocol (--compare)
 # ------------------------------------------------------------------------------------------
