@@ -14,17 +14,22 @@ self-normalised baseline. This file reads top to bottom in the paper's order:
     2. the importance weights     (paper §4)
     3. the BRAIn loss / baseline  (paper §4, Theorem 4.2; authors' code)
     4. connections: DPG, GDC++, DPO (paper §5)
-    5. language-model plumbing: log-probs and sampling
+    5. language-model plumbing: log-probs and exact sampling
     6. training                   (our choices, where the paper's text was not available)
     7. evaluation                 (exact, by enumeration, on the embedded world)
-    8. the embedded toy world     (not part of the method: a tiny GPT-2 and a review reward)
-    9. the command line
+    8. comparing the estimators   (--compare: equal footing, gradient variance)
+    9. the embedded toy world     (not part of the method: a tiny GPT-2 and a review reward)
+   10. real models                (--model: Hugging Face LMs, a reward model, checkpoints, torchrun)
+   11. benchmark                  (--bench)
+   12. the command line
 
 Comments say which parts are from the paper, from the authors' public toy code, and our own
 choice. This is a teaching reference, not a library.
 
-    python brain.py                   # BRAIn on the embedded world, about 40 s on a laptop CPU
+    python brain.py                   # BRAIn on the embedded world (offline, CPU, well under a minute)
     python brain.py --method gdcpp    # the same run with GDC++'s estimator
+    python brain.py --compare         # every estimator on identical sample streams, 3 seeds
+    python brain.py --model DIR --reward-model DIR --prompts prompts.jsonl --output-dir out
 """
 
 import argparse
@@ -65,7 +70,7 @@ class Config:
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     sft_steps: int = 300  # embedded world: Adam steps that pretrain the SFT prior
     sft_batch: int = 256  # embedded world: sequences per SFT pretraining step
-    micro_batch: int = 0  # samples per forward/backward (gradient accumulation); 0: all at once
+    micro_batch: int = 0  # samples per forward/backward, to save memory (one extra no-grad pass); 0: all at once
     # real models (--model); the embedded world ignores these
     model: Optional[str] = None  # Hugging Face causal LM (Hub name or folder): the SFT prior and the policy's start
     reward_model: Optional[str] = None  # sequence-classification reward model (Hub name or folder)
@@ -115,22 +120,23 @@ class Config:
         return self
 
 
-def _check_scores(name, x, dims=2):
-    """Shape (B, n) with n >= 2 and finite values: the estimators' common input contract."""
-    if not torch.is_tensor(x):
-        raise ValueError(f"{name} must be a torch tensor, got {type(x).__name__}")
-    if x.dim() != dims:
-        raise ValueError(f"{name} must have shape (B, n): B prompts, n samples each; got shape {tuple(x.shape)}")
-    if x.shape[-1] < 2:
-        raise ValueError(f"{name}: need n >= 2 samples per prompt, got n = {x.shape[-1]}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf (check the reward model and the log-probs)")
-
-
-def _check_same_shape(**named):
-    shapes = {k: tuple(v.shape) for k, v in named.items()}
+def _check_scores(**named):
+    """The estimators' common input contract: tensors of one shape (B, n), n >= 2, all finite."""
+    shapes = {}
+    for name, x in named.items():
+        if not torch.is_tensor(x):
+            raise ValueError(f"{name} must be a torch tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must have shape (B, n): B prompts, n samples each; got shape {tuple(x.shape)}")
+        if x.shape[-1] < 2:
+            raise ValueError(f"{name}: need n >= 2 samples per prompt, got n = {x.shape[-1]}")
+        shapes[name] = tuple(x.shape)
     if len(set(shapes.values())) != 1:
         raise ValueError(f"shapes differ: {shapes}")
+    finite = torch.stack([torch.isfinite(x.detach()).all() for x in named.values()])
+    if not finite.all():  # one device sync for all inputs
+        bad = [name for name, ok in zip(named, finite.tolist()) if not ok]
+        raise ValueError(f"{', '.join(bad)} contains NaN or inf (check the reward model and the log-probs)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -147,8 +153,8 @@ def log_goodness(reward, beta):
 def log_posterior(sft_logp, reward, beta):
     """Unnormalised log p(y | x, G=1) = log p_sft(y|x) + log p(G=1|x,y)   (paper §4, Bayes' rule).
 
-    With log p(G=1|x,y) = r/beta this is the optimum of KL-regularised reward maximisation
-    (the PPO-optimal policy). log Z(x) is left out: it cancels under self-normalisation."""
+    Paper §4: with log p(G=1|x,y) = r/beta this is the optimum of KL-regularised reward
+    maximisation (the PPO-optimal policy). log Z(x) is left out: it cancels under self-normalisation."""
     return sft_logp + log_goodness(reward, beta)
 
 
@@ -159,7 +165,7 @@ def log_posterior(sft_logp, reward, beta):
 #      log b_i     = log q_theta(y_i|x) - log q'(y_i|x)   beta_hat  = softmax_i(log b)
 #    Tensors are (B, n): B prompts, n samples each; the softmax runs over the n samples.
 # ------------------------------------------------------------------------------------------
-def alpha_hat(proposal_logp, target_logp):
+def alpha_hat(target_logp, proposal_logp):
     """Self-normalised importance weights of the posterior (the targets), shape (B, n)."""
     return torch.softmax(target_logp - proposal_logp, dim=-1)
 
@@ -184,10 +190,7 @@ def brain_loss(policy_logp, proposal_logp, target_logp):
     so the loss is a cross-entropy between two softmaxes over the n samples (test_brain.py checks it).
     Paper, Theorem 4.2: its gradient is unbiased for the self-normalised KL E[KL(alpha_hat||beta_hat)],
     which is 0 if and only if q_theta is the posterior."""
-    _check_scores("policy_logp", policy_logp)
-    _check_scores("proposal_logp", proposal_logp)
-    _check_scores("target_logp", target_logp)
-    _check_same_shape(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
+    _check_scores(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
     proposal_logp, target_logp = proposal_logp.detach(), target_logp.detach()
     log_a = torch.log_softmax(target_logp - proposal_logp, dim=-1)  # log alpha_hat (constant)
     log_b = torch.log_softmax(policy_logp - proposal_logp, dim=-1)  # log beta_hat(theta)
@@ -199,14 +202,15 @@ def brain_loss(policy_logp, proposal_logp, target_logp):
 #      DPG    weight alpha_hat_i                 (no baseline; Khalifa et al. 2021)
 #      GDC++  weight alpha_hat_i - b_i / n       (unnormalised baseline; Korbak et al. 2022)
 #      BRAIn  weight alpha_hat_i - beta_hat_i    (self-normalised baseline)
-#    Each loss is -sum_i w_i log q_theta(y_i) with w held constant, so its gradient is the
-#    estimator; the loss values themselves are not comparable across methods.
+#    DPG's and GDC++'s losses are -sum_i w_i log q_theta(y_i) with w held constant, so their
+#    gradients are the estimators; BRAIn's gradient has the same form (section 3). The loss
+#    values themselves are not comparable across methods.
 # ------------------------------------------------------------------------------------------
 def _target_weights(proposal_logp, target_logp, log_z):
     """alpha_hat (Z estimated from the same samples), or plain importance weights
     exp(log p~ - log Z - log q') / n when log Z is given (known, or a running estimate)."""
     if log_z is None:
-        return alpha_hat(proposal_logp, target_logp)
+        return alpha_hat(target_logp, proposal_logp)
     log_z = torch.as_tensor(log_z, dtype=target_logp.dtype, device=target_logp.device)
     if log_z.dim() == 1:
         if log_z.shape[0] != target_logp.shape[0]:
@@ -228,9 +232,7 @@ def dpg_loss(policy_logp, proposal_logp, target_logp, log_z=None):
     """DPG: ascent direction sum_i w_i grad log q_theta(y_i), no baseline ("BRAIn without baseline").
     Khalifa et al. (ICLR 2021) §2.3 and the authors' code; w_i = alpha_hat_i, or the plain
     importance weight when log_z (shape (B,) or scalar) is given."""
-    for name, x in (("policy_logp", policy_logp), ("proposal_logp", proposal_logp), ("target_logp", target_logp)):
-        _check_scores(name, x)
-    _check_same_shape(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
+    _check_scores(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
     w = _target_weights(proposal_logp.detach(), target_logp.detach(), log_z)
     return _weighted_logp_loss(w, policy_logp)
 
@@ -239,16 +241,14 @@ def gdcpp_loss(policy_logp, proposal_logp, target_logp, log_z=None):
     """GDC++: ascent direction sum_i (w_i - b_i / n) grad log q_theta(y_i), b_i = q_theta(y_i)/q'(y_i)
     unnormalised (Korbak et al., NeurIPS 2022, Alg. 1; the authors' code). On-policy b_i = 1 and
     this equals BRAIn; off-policy it does not."""
-    for name, x in (("policy_logp", policy_logp), ("proposal_logp", proposal_logp), ("target_logp", target_logp)):
-        _check_scores(name, x)
-    _check_same_shape(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
+    _check_scores(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
     proposal_logp, target_logp = proposal_logp.detach(), target_logp.detach()
     w = _target_weights(proposal_logp, target_logp, log_z)
     b = torch.exp(policy_logp.detach() - proposal_logp)
     return _weighted_logp_loss(w - b / policy_logp.shape[-1], policy_logp)
 
 
-def dpo_loss(policy_logp, ref_logp, reward, beta=1.0, labels="argmax"):
+def dpo_loss(policy_logp, ref_logp, reward, beta=1.0, labels="argmax", coin=None):
     """DPO (Rafailov et al. 2023) on one pair per prompt:
         L = -log sigmoid(beta * [(log q(y_w) - log ref(y_w)) - (log q(y_l) - log ref(y_l))]).
 
@@ -259,18 +259,19 @@ def dpo_loss(policy_logp, ref_logp, reward, beta=1.0, labels="argmax"):
         pair of one sample with itself: loss log 2, zero gradient.
     labels="bt" (our choice): the first two samples, labelled by a Bradley-Terry coin flip,
         P(y_1 wins) = sigmoid(r_1 - r_2), reading the reward as a BT logit. DPO's optimum is then
-        ref * exp(r / beta): the same posterior as BRAIn's at the same beta."""
-    _check_scores("policy_logp", policy_logp)
-    _check_scores("ref_logp", ref_logp)
-    _check_scores("reward", reward)
-    _check_same_shape(policy_logp=policy_logp, ref_logp=ref_logp, reward=reward)
+        ref * exp(r / beta): the same posterior as BRAIn's at the same beta. (BRAIN.md writes the
+        coin as sigmoid((r_1 - r_2) / beta) with DPO's beta = 1: the same optimum.) `coin`: (B,)
+        uniform numbers for the flips (y_1 wins when coin < P); default: the global generator."""
+    _check_scores(policy_logp=policy_logp, ref_logp=ref_logp, reward=reward)
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"DPO beta must be a finite number > 0, got {beta}")
     reward = reward.detach()
     if labels == "argmax":
         win, lose = reward.argmax(-1, keepdim=True), reward.argmin(-1, keepdim=True)
     elif labels == "bt":
-        first_wins = torch.rand(reward.shape[0], 1, device=reward.device) < torch.sigmoid(reward[:, :1] - reward[:, 1:2])
+        if coin is None:
+            coin = torch.rand(reward.shape[0], device=reward.device)
+        first_wins = coin.view(-1, 1) < torch.sigmoid(reward[:, :1] - reward[:, 1:2])
         win, lose = torch.where(first_wins, 0, 1), torch.where(first_wins, 1, 0)
     else:
         raise ValueError(f"labels must be 'argmax' or 'bt', got {labels!r}")
@@ -279,10 +280,12 @@ def dpo_loss(policy_logp, ref_logp, reward, beta=1.0, labels="argmax"):
     return -F.logsigmoid(beta * margin).mean()
 
 
-def method_loss(method, policy_logp, proposal_logp, sft_logp, reward, beta, dpo_labels="argmax", log_z=None):
-    """The loss of one method on one batch of (B, n) scores: the training loop's single entry point."""
+def method_loss(method, policy_logp, proposal_logp, sft_logp, reward, beta, dpo_labels="argmax", log_z=None, coin=None):
+    """The loss of one method on one batch of (B, n) scores: the training loop's single entry point.
+    DPO runs with DPO's beta = the posterior's beta (so "bt" targets the same posterior); the
+    paper's n = 2 argmax special case is DPO's beta = 1."""
     if method == "dpo":  # DPO-sft: the SFT model is DPO's reference
-        return dpo_loss(policy_logp, sft_logp, reward, beta=beta, labels=dpo_labels)
+        return dpo_loss(policy_logp, sft_logp, reward, beta=beta, labels=dpo_labels, coin=coin)
     target_logp = log_posterior(sft_logp, reward, beta)
     if method == "brain":
         return brain_loss(policy_logp, proposal_logp, target_logp)
@@ -302,11 +305,12 @@ def _positions(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _eos_id(model, eos_token_id):
-    if eos_token_id is not None:
-        return eos_token_id
-    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-    return eos[0] if isinstance(eos, (list, tuple)) else eos
+def _eos_ids(model, eos_token_id, device):
+    """The EOS id(s) as a tensor: given (an int or a list, e.g. Llama-3 has two), else from model.config."""
+    eos = eos_token_id if eos_token_id is not None else getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is None:
+        return None
+    return torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device)
 
 
 def sequence_logprobs(model, input_ids, attention_mask, completion_mask, eos_token_id=None):
@@ -314,7 +318,7 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, eos_tok
 
     input_ids, attention_mask, completion_mask: (N, L). completion_mask is 1 on completion tokens;
     prompt and padding are 0. Everything after the first EOS of the completion is masked too
-    (the EOS itself counts); eos_token_id defaults to model.config.eos_token_id. Returns (N,)."""
+    (the EOS itself counts); eos_token_id (an id or a list of ids) defaults to model.config's. Returns (N,)."""
     if completion_mask[:, 0].any():
         raise ValueError("completion_mask[:, 0] must be 0: the first token has no prediction (the prompt cannot be empty)")
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask)).logits
@@ -322,9 +326,9 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, eos_tok
     targets = input_ids[:, 1:]
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     mask = completion_mask[:, 1:].bool()
-    eos = _eos_id(model, eos_token_id)
+    eos = _eos_ids(model, eos_token_id, input_ids.device)
     if eos is not None:
-        is_eos = (targets == eos) & mask
+        is_eos = torch.isin(targets, eos) & mask
         mask = mask & ((is_eos.long().cumsum(-1) - is_eos.long()) == 0)  # drop tokens after the first EOS
     return torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(-1)
 
@@ -341,8 +345,9 @@ def sample_completions(model, prompt_ids, prompt_mask, max_new_tokens, eos_token
     Each token is drawn by inverting the CDF at a uniform number: `uniforms` (N, T) when given
     (so that a batch split across processes draws what the whole batch would), else drawn
     from `generator` (default: the global one)."""
-    pad = eos_token_id if pad_token_id is None else pad_token_id
     n, device = prompt_ids.shape[0], prompt_ids.device
+    eos = _eos_ids(None, eos_token_id, device)
+    pad = int(eos[0]) if pad_token_id is None else pad_token_id
     if uniforms is None:
         uniforms = torch.rand(n, max_new_tokens, device=device, generator=generator)
     attn = prompt_mask.long()
@@ -355,12 +360,12 @@ def sample_completions(model, prompt_ids, prompt_mask, max_new_tokens, eos_token
     masks = torch.zeros(n, max_new_tokens, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        cdf = logp.exp().cumsum(-1)
-        tok = torch.searchsorted(cdf, uniforms[:, t:t + 1] * cdf[:, -1:], right=True).squeeze(-1)
+        cdf = logp.double().exp().cumsum(-1)  # float64: exact enough for 100k+ vocabularies
+        tok = torch.searchsorted(cdf, uniforms[:, t:t + 1].double() * cdf[:, -1:], right=True).squeeze(-1)
         tok = torch.where(alive, tok.clamp(max=cdf.shape[-1] - 1), torch.full_like(tok, pad))
         logp_sum += torch.where(alive, logp.gather(-1, tok[:, None]).squeeze(-1), torch.zeros_like(logp_sum))
         tokens[:, t], masks[:, t] = tok, alive.long()
-        alive = alive & (tok != eos_token_id)
+        alive = alive & ~torch.isin(tok, eos)
         if t + 1 == max_new_tokens or (t % 8 == 7 and not alive.any()):  # a device sync every 8 tokens
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
@@ -414,6 +419,18 @@ def rank_and_world():
     return 0, 1
 
 
+def my_share(B):
+    """The slice of a global batch of B prompts that this process handles."""
+    rank, world = rank_and_world()
+    return slice(rank * B // world, (rank + 1) * B // world)
+
+
+def draw_coins(B, generator, device):
+    """Uniform numbers for DPO's Bradley-Terry labels ("bt"), drawn for the global batch from the
+    stream (so runs repeat exactly, on any number of processes); this process's share."""
+    return torch.rand(B, device=device, generator=generator)[my_share(B)]
+
+
 def score_batch(cfg, proposal, sft, task, generator, device):
     """Draw B prompts, sample n completions per prompt from the proposal and score them, all
     without gradients. Returns the joined sequences and the (B*n,) proposal log-probs,
@@ -423,13 +440,14 @@ def score_batch(cfg, proposal, sft, task, generator, device):
     with torch.no_grad(), autocast(device):
         prompt_idx = torch.randint(len(task.prompt_ids), (B,), device=device, generator=generator)
         uniforms = torch.rand(B, n, T, device=device, generator=generator)
-        rank, world = rank_and_world()
-        mine = slice(rank * B // world, (rank + 1) * B // world)
-        prompt_idx, uniforms = prompt_idx[mine], uniforms[mine].reshape(-1, T)
+        prompt_idx, uniforms = prompt_idx[my_share(B)], uniforms[my_share(B)].reshape(-1, T)
         x = task.prompt_ids[prompt_idx].repeat_interleave(n, 0)
         xm = task.prompt_mask[prompt_idx].repeat_interleave(n, 0)
         y, ym, proposal_logp = sample_completions(proposal, x, xm, T, task.eos_id, task.pad_id, uniforms=uniforms)
         ids, attn, cmask = join(x, xm, y, ym)
+        if device.type == "cuda":  # under bf16 the cached sampling pass and a full forward differ a
+            # little: score the proposal the way the policy is scored, so that q_theta = q' gives b_i = 1
+            proposal_logp = sequence_logprobs(proposal, ids, attn, cmask, task.eos_id)
         sft_logp = proposal_logp if proposal is sft else sequence_logprobs(sft, ids, attn, cmask, task.eos_id)
         reward = task.reward(x, xm, y, ym).float()
     if not torch.isfinite(reward).all():
@@ -497,6 +515,8 @@ def train(cfg, sft, task, device, on_step=None, policy=None, state=None):
         opt.load_state_dict(state["optimizer"])
         stream.set_state(state["stream"])
         start = state["step"]
+        if state.get("proposal") is not None:
+            proposal.load_state_dict(state["proposal"])
     info = {"optimizer": opt, "stream": stream, "loss": None, "reward": None}
     if on_step is not None:
         on_step(start, policy, proposal, info)
@@ -506,11 +526,12 @@ def train(cfg, sft, task, device, on_step=None, policy=None, state=None):
         if cfg.refresh_every and step % cfg.refresh_every == 0 and step > start:
             proposal.load_state_dict(policy.state_dict())
         seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, stream, device)
+        coin = draw_coins(cfg.prompts_per_step, stream, device)
         shape = (-1, cfg.n_samples)  # (prompts of this process, n)
 
         def loss_of(policy_logp):
             return method_loss(cfg.method, policy_logp.view(shape), proposal_logp.view(shape), sft_logp.view(shape),
-                               reward.view(shape), cfg.beta, cfg.dpo_labels)
+                               reward.view(shape), cfg.beta, cfg.dpo_labels, coin=coin)
 
         opt.zero_grad(set_to_none=True)
         loss = backward_policy_loss(model, seqs, task.eos_id, loss_of, cfg.micro_batch, device)
@@ -598,7 +619,7 @@ def reward_kl_frontier(log_sft, reward, betas):
 #    is computed on those same batches at that same policy: the trace of the covariance of the
 #    K gradients is the estimator's variance, the norm of their mean its signal.
 # ------------------------------------------------------------------------------------------
-VARIANTS = {  # name -> (method, DPO labels)
+VARIANTS = {  # name -> (method, DPO labels); DPO runs with DPO's beta = the posterior's beta
     "brain": ("brain", "argmax"), "gdcpp": ("gdcpp", "argmax"), "dpg": ("dpg", "argmax"),
     "dpo-argmax": ("dpo", "argmax"), "dpo-bt": ("dpo", "bt"),
 }
@@ -611,12 +632,13 @@ def estimator_gradients(cfg, policy, proposal, sft, task, variants, batches, gen
     grads = {v: [] for v in variants}
     for _ in range(batches):
         seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, generator, device)
+        coin = draw_coins(cfg.prompts_per_step, generator, device)
         with autocast(device):
             policy_logp = sequence_logprobs(policy, *seqs, task.eos_id).view(shape)
         for v in variants:
             method, labels = VARIANTS[v]
             loss = method_loss(method, policy_logp, proposal_logp.view(shape), sft_logp.view(shape),
-                               reward.view(shape), cfg.beta, labels)
+                               reward.view(shape), cfg.beta, labels, coin=coin)
             g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             grads[v].append(torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)]))
     return {v: torch.stack(g).float() for v, g in grads.items()}
@@ -727,6 +749,8 @@ def print_comparison(result):
             row += f"{_mean_std([a['brain_vs_gdcpp']['off_policy_sft'] for a in at])[0]:12.2f}"
             print(row)
     print("gap: ||g_BRAIn - g_GDC++|| / ||g_BRAIn|| on one batch (on-policy: largest over seeds).")
+    print("BRAIn, GDC++ and DPG estimate gradients of the same target; DPO's estimate another objective,\n"
+          "so their variances are shown for scale, not as a like-for-like comparison.")
 
 
 # ------------------------------------------------------------------------------------------
@@ -817,8 +841,8 @@ class ToyWorld:
         self.prompts = [f"the {s} was" for s in self.subjects]
         self.prompt_ids = torch.tensor([self.encode(p) for p in self.prompts], device=device)
         self.prompt_mask = torch.ones_like(self.prompt_ids)
-        # every completion: k words then EOS (k = 0..3), or 4 words; padded with EOS
-        k = len(COMPLETION_WORDS) + 1  # completion token ids are 0..k-1, EOS is 0
+        # every completion: m words then EOS (m = 0..3), or 4 words; padded with EOS
+        k = len(COMPLETION_WORDS) + 1  # k = 11 completion tokens: ids 0..10, EOS is 0, words 1..10
         comps = [[]]
         for length in range(1, MAX_NEW_TOKENS + 1):
             comps += [list(c) for c in _product(range(1, k), length)]
@@ -829,8 +853,11 @@ class ToyWorld:
             mask.append([1] * len(seq) + [0] * (MAX_NEW_TOKENS - len(seq)))
         self.completion_ids = torch.tensor(ids)
         self.completion_mask = torch.tensor(mask)
-        # for exact evaluation: every 3-word prefix, and for each completion and depth d the row
-        # of a prefix that starts with the completion's first d words (see enumerate_logprobs)
+        # for exact evaluation: every 3-word prefix (row r = the 3 digits of r, word id = digit + 1),
+        # and for each completion and depth d the row of a prefix that starts with the completion's
+        # first d words (see enumerate_logprobs). E.g. "good fun ." = ids [1, 3, 0, 0] -> digits
+        # [0, 2, 0] -> rows [0, 0, 20, 20] for d = 0..3: row 20 is "good fun good", which starts
+        # with "good fun", so its third next-token distribution is p(. | good fun).
         self.prefix_ids = torch.tensor(_product(range(1, k), MAX_NEW_TOKENS - 1))
         digits = (self.completion_ids - 1).clamp(min=0)[:, :MAX_NEW_TOKENS - 1]  # word ids -> 0..9
         place = (k - 1) ** torch.arange(MAX_NEW_TOKENS - 2, -1, -1)
@@ -972,7 +999,7 @@ def load_causal_lm(name, trust_remote_code=False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
-                                                           output_loading_info=True)
+                                                           dtype=torch.float32, output_loading_info=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError...: one line for the user
         raise ValueError(f"cannot load a causal LM and its tokenizer from {name!r}: {_first_line(e)}") from None
     _check_all_weights_loaded(name, info, "a causal LM")
@@ -986,6 +1013,13 @@ def load_causal_lm(name, trust_remote_code=False):
     return model.eval(), tokenizer
 
 
+def eos_ids_of(model, tokenizer):
+    """Every id that ends a completion: the generation config's (Llama-3 has two) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([] if ids is None else [ids])
+    return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
 class RewardModel:
     """r(x, y) = one logit of an AutoModelForSequenceClassification on the decoded text x + y,
     re-encoded with the reward model's own tokenizer."""
@@ -997,7 +1031,7 @@ class RewardModel:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
             self.model, info = AutoModelForSequenceClassification.from_pretrained(
-                name, trust_remote_code=trust_remote_code, output_loading_info=True)
+                name, trust_remote_code=trust_remote_code, dtype=torch.float32, output_loading_info=True)
         except Exception as e:
             raise ValueError(f"cannot load a reward model (sequence classification) from {name!r}: {_first_line(e)}") from None
         _check_all_weights_loaded(name, info, "a reward model (sequence classification)")
@@ -1014,16 +1048,20 @@ class RewardModel:
         else:
             raise ValueError(f"--reward-label {label!r} is not a label of {name!r}: {', '.join(labels)}")
         if self.tokenizer.pad_token_id is None:
+            if (self.tokenizer.eos_token or self.tokenizer.unk_token) is None:
+                raise ValueError(f"the tokenizer of the reward model {name!r} has no pad, EOS or unknown token to pad with")
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer.truncation_side = "left"  # too long: cut the prompt's start, never the completion
+        limit = self.tokenizer.model_max_length
+        self.max_length = limit if limit and limit < 1_000_000 else None  # transformers' "no limit" is a huge int
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # models that read the last non-pad token
         self.model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
 
     @torch.no_grad()
     def score(self, texts):
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                             max_length=getattr(self.tokenizer, "model_max_length", None) if
-                             (getattr(self.tokenizer, "model_max_length", 0) or 0) < 1_000_000 else None)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=self.max_length is not None,
+                             max_length=self.max_length)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         with autocast(self.device):
             return self.model(**enc).logits[:, self.index].float()
@@ -1032,9 +1070,9 @@ class RewardModel:
 class TextTask:
     """Prompts tokenized once (left-padded) and the reward model, in the form train() expects."""
 
-    def __init__(self, rows, tokenizer, reward_model, max_new_tokens, context, device, source):
+    def __init__(self, rows, tokenizer, reward_model, max_new_tokens, context, eos_ids, device, source):
         self.tokenizer, self.rm = tokenizer, reward_model
-        self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, eos_ids, tokenizer.pad_token_id
         self.rows = rows
         for row in rows:
             length = len(tokenizer(row["prompt"])["input_ids"])
@@ -1047,14 +1085,20 @@ class TextTask:
         self.prompt_ids, self.prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
     def texts(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        prompts = self.tokenizer.batch_decode(torch.where(prompt_mask.bool(), prompt_ids, self.pad_id), skip_special_tokens=True)
-        completions = self.tokenizer.batch_decode(torch.where(completion_mask.bool(), completion_ids, self.pad_id),
-                                                  skip_special_tokens=True)
-        return prompts, completions
+        """[prompt | completion] decoded as one sequence per row (decoding the two apart would lose
+        the space between them with SentencePiece tokenizers)."""
+        ids = torch.cat([torch.where(prompt_mask.bool(), prompt_ids, self.pad_id),
+                         torch.where(completion_mask.bool(), completion_ids, self.pad_id)], dim=1)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def reward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        prompts, completions = self.texts(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return self.rm.score([p + c for p, c in zip(prompts, completions)]).to(prompt_ids.device)
+        return self.rm.score(self.texts(prompt_ids, prompt_mask, completion_ids, completion_mask)).to(prompt_ids.device)
+
+    def reference_texts(self, rows):
+        """prompt + reference, through the same tokenizer and decoding as the samples."""
+        ids = [self.tokenizer(r["prompt"])["input_ids"] + self.tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
+               for r in rows]
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def model_context(model):
@@ -1069,15 +1113,22 @@ def model_context(model):
 CHECKPOINT_STATE = "trainer_state.pt"
 
 
-def save_checkpoint(out_dir, step, policy, tokenizer, info):
+# what a resumed run must share with the run it continues (the rest may change: steps, device, ...)
+RESUME_KEYS = ("method", "prompts_per_step", "n_samples", "beta", "lr", "refresh_every", "dpo_labels", "seed",
+               "model", "reward_model", "reward_label", "prompts", "max_new_tokens")
+
+
+def save_checkpoint(out_dir, step, policy, proposal, tokenizer, info, cfg):
     """Write the policy (safetensors) to a temporary folder and rename it, so that a crash never
-    leaves a broken checkpoint; then point `latest` at it and drop the older ones."""
+    leaves a broken checkpoint; then point `latest` at it and drop the older ones. The trainer
+    state (optimizer, sample stream, a refreshed proposal, the config) makes --resume exact."""
     final = os.path.join(out_dir, f"checkpoint-{step:06d}")
     tmp = tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=out_dir)
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": info["optimizer"].state_dict(), "stream": info["stream"].get_state()},
-               os.path.join(tmp, CHECKPOINT_STATE))
+    torch.save({"step": step, "optimizer": info["optimizer"].state_dict(), "stream": info["stream"].get_state(),
+                "proposal": proposal.state_dict() if cfg.refresh_every else None,
+                "config": {k: getattr(cfg, k) for k in RESUME_KEYS}}, os.path.join(tmp, CHECKPOINT_STATE))
     if os.path.isdir(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -1095,7 +1146,19 @@ def latest_checkpoint(out_dir):
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return os.path.join(out_dir, f.read().strip())
+        folder = os.path.join(out_dir, f.read().strip())
+    if not os.path.isfile(os.path.join(folder, CHECKPOINT_STATE)):
+        raise ValueError(f"{path} points to {folder}, which is not a complete checkpoint")
+    return folder
+
+
+def load_trainer_state(folder, cfg):
+    state = torch.load(os.path.join(folder, CHECKPOINT_STATE), map_location="cpu", weights_only=True)
+    changed = [f"{k} ({state['config'].get(k)!r} -> {getattr(cfg, k)!r})" for k in RESUME_KEYS
+               if state["config"].get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--resume with other settings than the checkpoint's: {', '.join(changed)}")
+    return state
 
 
 @torch.no_grad()
@@ -1119,12 +1182,12 @@ def evaluate_text(policy, sft, task, rows, cfg, device):
            "kl_policy_sft_mc": (policy_logp - sft_logp).mean().item()}
     with_ref = [i for i, r in enumerate(rows) if r["reference"]]
     if with_ref:
-        r_ref = task.rm.score([rows[i]["prompt"] + rows[i]["reference"] for i in with_ref]).to(device)
+        r_ref = task.rm.score(task.reference_texts([rows[i] for i in with_ref])).to(device)
         r_pol = r_policy.view(len(rows), k)[with_ref]
         out["win_rate_vs_reference"] = wins(r_pol, r_ref[:, None].expand_as(r_pol))
         out["reward_reference"] = r_ref.mean().item()
-    prompts, completions = task.texts(x, xm, y, ym)
-    out["examples"] = [{"prompt": p, "policy": c} for p, c in list(zip(prompts, completions))[::k][:4]]
+    out["examples"] = [{"prompt": rows[i // k]["prompt"], "text": t}
+                       for i, t in enumerate(task.texts(x, xm, y, ym)) if i % k == 0][:4]
     return out
 
 
@@ -1150,11 +1213,15 @@ def run_model(cfg):
     # check everything before anything is written
     rows = load_prompts(cfg.prompts)
     out_dir = cfg.output_dir
-    resume_from = latest_checkpoint(out_dir) if out_dir else None
+    resume_from = latest_checkpoint(out_dir) if out_dir and os.path.isdir(out_dir) else None
+    metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no checkpoint in {out_dir}")
     if resume_from and not cfg.resume:
         raise ValueError(f"{out_dir} already holds a checkpoint; pass --resume to continue it, or choose another --output-dir")
+    if not resume_from and metrics_path and os.path.exists(metrics_path):
+        raise ValueError(f"{out_dir} holds a metrics.jsonl from another run; choose another --output-dir")
+    state = load_trainer_state(resume_from, cfg) if resume_from else None
     seed_everything(cfg.seed)
     import transformers
 
@@ -1162,19 +1229,23 @@ def run_model(cfg):
     transformers.logging.disable_progress_bar()
     sft, tokenizer = load_causal_lm(cfg.model, cfg.trust_remote_code)
     rm = RewardModel(cfg.reward_model, cfg.reward_label, cfg.trust_remote_code, device)
-    train_rows, eval_rows = (rows[:-max(1, len(rows) // 5)], rows[-max(1, len(rows) // 5):]) if len(rows) > 1 else (rows, rows)
-    source = cfg.prompts or "built-in prompts"
-    task = TextTask(train_rows, tokenizer, rm, cfg.max_new_tokens, model_context(sft), device, source)
-    TextTask(eval_rows, tokenizer, rm, cfg.max_new_tokens, model_context(sft), device, source)  # same checks
-    policy, state = None, None
-    if resume_from:
-        policy, _ = load_causal_lm(resume_from, cfg.trust_remote_code)
-        state = torch.load(os.path.join(resume_from, CHECKPOINT_STATE), map_location="cpu", weights_only=True)
+    held = max(1, len(rows) // 5)  # the last fifth of the prompts is held out for evaluation
+    train_rows, eval_rows = (rows[:-held], rows[-held:]) if len(rows) > 1 else (rows, rows)
+    source, eos_ids = cfg.prompts or "built-in prompts", eos_ids_of(sft, tokenizer)
+    task = TextTask(rows, tokenizer, rm, cfg.max_new_tokens, model_context(sft), eos_ids, device, source)  # checks all
+    task = TextTask(train_rows, tokenizer, rm, cfg.max_new_tokens, model_context(sft), eos_ids, device, source)
+    policy = load_causal_lm(resume_from, cfg.trust_remote_code)[0].to(device) if resume_from else None
     sft = frozen(sft.to(device))
-    policy = policy.to(device) if policy is not None else None
-    if out_dir and rank == 0:
+    if out_dir and rank == 0:  # from here on we write: a new folder, or a checkpoint's own
         os.makedirs(out_dir, exist_ok=True)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+        for stale in os.listdir(out_dir):  # a crash's half-written checkpoint
+            if stale.startswith(".tmp-checkpoint-"):
+                shutil.rmtree(os.path.join(out_dir, stale))
+        if state and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
     t0 = time.time()
 
     def on_step(step, policy, proposal, info):
@@ -1184,12 +1255,13 @@ def run_model(cfg):
             f.write(json.dumps({"step": step, "loss": info["loss"].item(), "reward": info["reward"].item(),
                                 "seconds": round(time.time() - t0, 3)}) + "\n")
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            save_checkpoint(out_dir, step, policy, tokenizer, info)
+            save_checkpoint(out_dir, step, policy, proposal, tokenizer, info, cfg)
 
     if rank == 0:
         start = state["step"] if state else 0
+        held_out = f"held out: {len(eval_rows)}" if len(rows) > 1 else "one prompt: evaluated on it, none held out"
         print(f"training {cfg.model} with {cfg.method} on {len(train_rows)} prompts "
-              f"(held out: {len(eval_rows)}), steps {start} -> {cfg.steps}, {world} process(es) on {device}")
+              f"({held_out}), steps {start} -> {cfg.steps}, {world} process(es) on {device}")
     policy = train(cfg, sft, task, device, on_step, policy=policy, state=state)
     results = None
     if rank == 0:
@@ -1214,7 +1286,7 @@ def print_text_results(res):
         print(f"  win rate of the policy over the references: {res['win_rate_vs_reference']:.1%}")
     print(f"  KL(policy || SFT), Monte Carlo: {res['kl_policy_sft_mc']:.3f} nats")
     for ex in res["examples"]:
-        print(f"  {ex['prompt']!r} -> {ex['policy']!r}")
+        print(f"  {ex['prompt']!r} -> {ex['text']!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -1289,9 +1361,6 @@ def bench_model(name, model, prompt_ids, B, n, T, device, reward_fn, steps=10, w
                     sampling[key].append(t)
     # 3. where a training step's time goes (proposal = a copy of the policy, so the SFT model is scored too)
     sft = frozen(model)
-    cfg = Config(prompts_per_step=B, n_samples=n, refresh_every=1)
-    task = type("BenchTask", (), dict(prompt_ids=prompt_ids.to(device), prompt_mask=torch.ones_like(prompt_ids).to(device),
-                                      max_new_tokens=T, eos_id=-1, pad_id=0, reward=staticmethod(reward_fn)))()
     phases = {"sampling": [], "scoring": [], "update": []}
     for i in range(2 + 5):
         with torch.no_grad(), autocast(device):
@@ -1311,7 +1380,6 @@ def bench_model(name, model, prompt_ids, B, n, T, device, reward_fn, steps=10, w
         if i >= 2:
             for k, t in zip(phases, (t_sample, t_score, t_update)):
                 phases[k].append(t)
-    del cfg, task
     step_s = {k: _median(v) for k, v in phases.items()}
     total = sum(step_s.values())
     row = {
@@ -1425,7 +1493,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step, help="B, prompts per step")
     p.add_argument("--n-samples", type=int, default=d.n_samples, help="n, samples per prompt (>= 2)")
     p.add_argument("--beta", type=float, default=d.beta, help="posterior temperature (> 0)")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"Adam learning rate (default {d.lr} on the embedded world, 1e-5 with --model)")
     p.add_argument("--refresh-every", type=int, default=d.refresh_every,
                    help="proposal := policy every K steps (0: always sample from the SFT model)")
     p.add_argument("--dpo-labels", default=d.dpo_labels, help="DPO pairs: argmax or bt")
@@ -1460,14 +1529,17 @@ def parse_args(argv=None):
         p.error(f"unknown method(s) in --methods: {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
     if args.compare and args.model:
         p.error("--compare runs on the embedded world (exact metrics); it does not take --model")
+    if args.bench and (args.compare or args.model):
+        p.error("--bench runs alone (it builds its own models); drop --compare / --model")
     if not args.model and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("several processes (torchrun) are for --model runs; the embedded world runs in one")
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json: folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
+    lr = args.lr if args.lr is not None else (1e-5 if args.model else d.lr)  # a real LM needs a gentler step
     cfg = Config(method=args.method, steps=args.steps, prompts_per_step=args.prompts_per_step,
-                 n_samples=args.n_samples, beta=args.beta, lr=args.lr, refresh_every=args.refresh_every,
+                 n_samples=args.n_samples, beta=args.beta, lr=lr, refresh_every=args.refresh_every,
                  dpo_labels=args.dpo_labels, seed=args.seed, device=args.device, sft_steps=args.sft_steps,
                  micro_batch=args.micro_batch, model=args.model, reward_model=args.reward_model,
                  reward_label=args.reward_label, prompts=args.prompts, max_new_tokens=args.max_new_tokens,

@@ -128,7 +128,7 @@ def test_brain_with_two_samples_and_argmax_weights_is_dpo():
     assert dpo.item() == pytest.approx(hand.item(), rel=1e-12)
     # BRAIn with proposal = SFT and alpha_hat one-hot on the winner (beta -> 0: softmax -> argmax)
     one_hot = brain.log_posterior(sft, reward, beta=1e-4)
-    assert brain.alpha_hat(sft, one_hot).max(-1).values.min().item() == pytest.approx(1.0)
+    assert brain.alpha_hat(one_hot, sft).max(-1).values.min().item() == pytest.approx(1.0)
     br = brain.brain_loss(pol, sft, one_hot)
     assert br.item() == pytest.approx(dpo.item(), rel=1e-9)
     g_dpo = torch.autograd.grad(dpo, pol)[0]
@@ -148,6 +148,29 @@ def test_dpo_bt_labels_follow_bradley_terry():
     first_won = (pol.grad[:, 0] < 0).double().mean().item()
     p = 1 / (1 + math.exp(-1.0))
     assert abs(first_won - p) < 4 * math.sqrt(p * (1 - p) / B)
+
+
+def test_dpo_bt_optimum_is_the_posterior_for_any_beta():
+    # the expected DPO-bt loss over the coin, E = p L(first wins) + (1 - p) L(first loses) with
+    # p = sigmoid(r1 - r2), has zero gradient at the policy ref * exp(r / beta) / Z, and not elsewhere
+    w = categorical(13)
+    beta = 2.5
+    pairs = torch.combinations(torch.arange(K), 2)  # every pair of distinct outcomes
+    reward = w["reward"][pairs]
+    p = torch.sigmoid(reward[:, 0] - reward[:, 1])
+
+    def expected_grad(theta0):
+        theta = theta0.clone().requires_grad_(True)
+        pol, ref = torch.log_softmax(theta, -1)[pairs], w["sft"][pairs]
+        losses = [torch.stack([brain.dpo_loss(pol[i:i + 1], ref[i:i + 1], reward[i:i + 1], beta=beta, labels="bt",
+                                              coin=torch.full((1,), c)) for i in range(len(pairs))])
+                  for c in (0.0, 1.0)]  # coin 0: y1 wins; coin 1: y1 loses
+        expected = (p * losses[0] + (1 - p) * losses[1]).sum()
+        return torch.autograd.grad(expected, theta)[0]
+
+    posterior = torch.log_softmax(w["sft"] + w["reward"] / beta, -1)
+    assert expected_grad(posterior).abs().max().item() < 1e-10
+    assert expected_grad(torch.log_softmax(w["sft"] + w["reward"] / (beta ** 2), -1)).abs().max().item() > 1e-3
 
 
 def test_gdcpp_equals_brain_on_policy_and_not_off_policy():
@@ -527,7 +550,7 @@ def tiny_models(tmp_path_factory):
 def tiny_argv(root, out, *extra, model="gpt2"):
     return ["--model", str(root / model), "--reward-model", str(root / "rm"), "--prompts", str(root / "prompts.jsonl"),
             "--steps", "4", "--prompts-per-step", "4", "--n-samples", "3", "--max-new-tokens", "6",
-            "--output-dir", str(out), "--seed", "1", *extra]
+            "--output-dir", str(out), "--seed", "1", "--lr", "1e-3", *extra]
 
 
 def weights(folder):
