@@ -1308,7 +1308,7 @@ def _median(xs):
     return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
 
 
-def bench_model(name, model, prompt_ids, B, n, T, device, reward_fn, steps=10, warmup=3):
+def bench_model(name, model, prompt_ids, B, n, T, device, reward_fn, steps=20, warmup=3):
     """One row of the benchmark for `model` (a Hugging Face causal LM) with B prompts x n samples."""
     model = model.to(device).eval()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -1339,8 +1339,9 @@ def bench_model(name, model, prompt_ids, B, n, T, device, reward_fn, steps=10, w
         opt.step()
 
     times = {"brain": [], "ce": []}
-    for i in tqdm(range(warmup + steps), desc=f"bench {name}", leave=False):  # interleaved, so that drift hits both alike
-        for key, fn in (("brain", brain_step), ("ce", ce_step)):
+    for i in tqdm(range(warmup + steps), desc=f"bench {name}", leave=False):
+        pair = (("brain", brain_step), ("ce", ce_step))
+        for key, fn in pair if i % 2 else pair[::-1]:  # interleaved, in turns: drift hits both alike
             t = _timed(fn, device)
             if i >= warmup:
                 times[key].append(t)
