@@ -523,7 +523,7 @@ def train(cfg, sft, task, device, on_step=None, policy=None, state=None):
     bar = tqdm(range(start, cfg.steps), desc=f"train {cfg.method}", leave=False, dynamic_ncols=True,
                initial=start, total=cfg.steps, disable=True if rank_and_world()[0] else None)
     for step in bar:
-        if cfg.refresh_every and step % cfg.refresh_every == 0 and step > start:
+        if cfg.refresh_every and step % cfg.refresh_every == 0:  # (at step 0 a no-op: they are equal)
             proposal.load_state_dict(policy.state_dict())
         seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, stream, device)
         coin = draw_coins(cfg.prompts_per_step, stream, device)

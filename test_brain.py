@@ -559,14 +559,14 @@ def weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_model_cli_trains_checkpoints_and_resumes(arch, tiny_models, tmp_path, capsys):
+@pytest.mark.parametrize("arch, schedule", [("gpt2", ["--refresh-every", "2"]), ("llama", [])])
+def test_model_cli_trains_checkpoints_and_resumes(arch, schedule, tiny_models, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    assert brain.main(tiny_argv(tiny_models, out, "--save-every", "2", "--steps", "2", model=arch)) == 0
+    assert brain.main(tiny_argv(tiny_models, out, "--save-every", "2", "--steps", "2", *schedule, model=arch)) == 0
     assert (out / "latest").read_text().strip() == "checkpoint-000002"
-    assert brain.main(tiny_argv(tiny_models, out, "--save-every", "2", "--resume", model=arch)) == 0  # 2 -> 4
+    assert brain.main(tiny_argv(tiny_models, out, "--save-every", "2", "--resume", *schedule, model=arch)) == 0  # 2 -> 4
     text = capsys.readouterr().out
     assert "steps 2 -> 4" in text and "win rate of the policy over the SFT model" in text
     assert "over the references" in text  # two prompts have a "reference"; one of them is held out
@@ -578,7 +578,7 @@ def test_model_cli_trains_checkpoints_and_resumes(arch, tiny_models, tmp_path, c
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
     # the resumed run is the uninterrupted run: same weights after 4 steps
     straight = tmp_path / "straight"
-    assert brain.main(tiny_argv(tiny_models, straight, model=arch)) == 0
+    assert brain.main(tiny_argv(tiny_models, straight, *schedule, model=arch)) == 0
     a, b = weights(ckpt), weights(straight / "checkpoint-000004")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
@@ -646,10 +646,12 @@ def test_model_cli_bad_input_is_one_clear_line(case, tiny_models, tmp_path, caps
 def test_model_cli_keeps_an_existing_checkpoint(tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
     assert brain.main(tiny_argv(tiny_models, out, "--steps", "1")) == 0
-    before = {p.name for p in out.iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert brain.main(tiny_argv(tiny_models, out, "--steps", "1")) == 1  # no --resume: refuse, touch nothing
     assert "already holds a checkpoint" in capsys.readouterr().err
-    assert {p.name for p in out.iterdir()} == before
+    assert brain.main(tiny_argv(tiny_models, out, "--steps", "3", "--resume", "--beta", "2")) == 1  # other settings
+    assert "--resume with other settings than the checkpoint's: beta (1.0 -> 2.0)" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 def test_two_processes_match_one_on_the_same_global_batch(tiny_models, tmp_path):
