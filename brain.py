@@ -1488,7 +1488,7 @@ def print_table(results, cfg):
 
 def parse_args(argv=None):
     d = Config()
-    p = argparse.ArgumentParser(prog="brain.py", description="BRAIn on the embedded toy world (offline, CPU or CUDA).")
+    p = argparse.ArgumentParser(prog="brain.py", description="BRAIn (Pandey et al., ICML 2024): the embedded toy world by default (offline, CPU or CUDA); --model for real models.")
     p.add_argument("--method", default=d.method, help=f"estimator: {', '.join(METHODS)} (default {d.method})")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step, help="B, prompts per step")
