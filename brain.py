@@ -977,32 +977,32 @@ def _first_line(e):
     return text[0] if text else type(e).__name__
 
 
-def _check_model_folder(name, what):
+def load_pretrained(model_class, name, what, flag, trust_remote_code=False):
+    """A model and its tokenizer from a Hub name or a folder, in fp32, with one-line errors. Weights
+    missing from the checkpoint are an error: transformers would fill them with random ones (a
+    causal LM loaded as a classifier gets a random head), which must never pass silently."""
+    from transformers import AutoTokenizer
+
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        raise ValueError(f"{what} {name!r} is a folder without config.json: not a saved Hugging Face model")
-
-
-def _check_all_weights_loaded(name, info, what):
-    """transformers fills weights missing from a checkpoint with random ones (e.g. a causal LM
-    loaded as a classifier gets a random head): for us that is an error, not a warning."""
+        raise ValueError(f"{flag} {name!r} is a folder without config.json: not a saved Hugging Face model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model, info = model_class.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                                                  output_loading_info=True)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError...: one line for the user
+        raise ValueError(f"cannot load {what} and its tokenizer from {name!r}: {_first_line(e)}") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ValueError(f"cannot load {what} from {name!r}: the checkpoint lacks {', '.join(missing[:3])}"
                          f"{' ...' if len(missing) > 3 else ''} (they would be random)")
+    return model, tokenizer
 
 
 def load_causal_lm(name, trust_remote_code=False):
     """The SFT prior (and the policy's start) and its tokenizer, from a Hub name or a folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    _check_model_folder(name, "--model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
-                                                           dtype=torch.float32, output_loading_info=True)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError...: one line for the user
-        raise ValueError(f"cannot load a causal LM and its tokenizer from {name!r}: {_first_line(e)}") from None
-    _check_all_weights_loaded(name, info, "a causal LM")
+    model, tokenizer = load_pretrained(AutoModelForCausalLM, name, "a causal LM", "--model", trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {name!r} has no EOS token: completions could never end")
     if tokenizer.pad_token_id is None:
@@ -1025,16 +1025,11 @@ class RewardModel:
     re-encoded with the reward model's own tokenizer."""
 
     def __init__(self, name, label=None, trust_remote_code=False, device="cpu"):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        _check_model_folder(name, "--reward-model")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-            self.model, info = AutoModelForSequenceClassification.from_pretrained(
-                name, trust_remote_code=trust_remote_code, dtype=torch.float32, output_loading_info=True)
-        except Exception as e:
-            raise ValueError(f"cannot load a reward model (sequence classification) from {name!r}: {_first_line(e)}") from None
-        _check_all_weights_loaded(name, info, "a reward model (sequence classification)")
+        self.model, self.tokenizer = load_pretrained(AutoModelForSequenceClassification, name,
+                                                     "a reward model (sequence classification)", "--reward-model",
+                                                     trust_remote_code)
         labels = [self.model.config.id2label.get(i, str(i)) for i in range(self.model.config.num_labels)]
         if len(labels) == 1 and label is None:
             self.index = 0
@@ -1070,17 +1065,10 @@ class RewardModel:
 class TextTask:
     """Prompts tokenized once (left-padded) and the reward model, in the form train() expects."""
 
-    def __init__(self, rows, tokenizer, reward_model, max_new_tokens, context, eos_ids, device, source):
+    def __init__(self, rows, tokenizer, reward_model, max_new_tokens, eos_ids, device):
         self.tokenizer, self.rm = tokenizer, reward_model
         self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, eos_ids, tokenizer.pad_token_id
         self.rows = rows
-        for row in rows:
-            length = len(tokenizer(row["prompt"])["input_ids"])
-            if length == 0:
-                raise ValueError(f"{source}: line {row['line']}: the prompt encodes to no tokens")
-            if context and length + max_new_tokens > context:
-                raise ValueError(f"{source}: line {row['line']}: the prompt is {length} tokens; with --max-new-tokens "
-                                 f"{max_new_tokens} it exceeds the model's context of {context} tokens")
         enc = tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True)
         self.prompt_ids, self.prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
@@ -1099,6 +1087,16 @@ class TextTask:
         ids = [self.tokenizer(r["prompt"])["input_ids"] + self.tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
                for r in rows]
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def check_prompt_lengths(rows, tokenizer, max_new_tokens, context, source):
+    """Every prompt is some tokens, and fits the model's context with max_new_tokens more."""
+    for row, ids in zip(rows, tokenizer([r["prompt"] for r in rows])["input_ids"]):
+        if len(ids) == 0:
+            raise ValueError(f"{source}: line {row['line']}: the prompt encodes to no tokens")
+        if context and len(ids) + max_new_tokens > context:
+            raise ValueError(f"{source}: line {row['line']}: the prompt is {len(ids)} tokens; with --max-new-tokens "
+                             f"{max_new_tokens} it exceeds the model's context of {context} tokens")
 
 
 def model_context(model):
@@ -1231,9 +1229,8 @@ def run_model(cfg):
     rm = RewardModel(cfg.reward_model, cfg.reward_label, cfg.trust_remote_code, device)
     held = max(1, len(rows) // 5)  # the last fifth of the prompts is held out for evaluation
     train_rows, eval_rows = (rows[:-held], rows[-held:]) if len(rows) > 1 else (rows, rows)
-    source, eos_ids = cfg.prompts or "built-in prompts", eos_ids_of(sft, tokenizer)
-    task = TextTask(rows, tokenizer, rm, cfg.max_new_tokens, model_context(sft), eos_ids, device, source)  # checks all
-    task = TextTask(train_rows, tokenizer, rm, cfg.max_new_tokens, model_context(sft), eos_ids, device, source)
+    check_prompt_lengths(rows, tokenizer, cfg.max_new_tokens, model_context(sft), cfg.prompts or "built-in prompts")
+    task = TextTask(train_rows, tokenizer, rm, cfg.max_new_tokens, eos_ids_of(sft, tokenizer), device)
     policy = load_causal_lm(resume_from, cfg.trust_remote_code)[0].to(device) if resume_from else None
     sft = frozen(sft.to(device))
     if out_dir and rank == 0:  # from here on we write: a new folder, or a checkpoint's own
