@@ -4,10 +4,10 @@ Pandey et al., "BRAIn: Bayesian Reward-conditioned Amortized Inference for natur
 generation from feedback", ICML 2024 (arXiv 2402.02479). One step of the method:
 
     x       = B prompts;   y_1..y_n ~ q'(.|x)                  # the proposal: SFT model or policy
-    log p~  = log p_sft(y_i|x) + r(x, y_i) / beta              # §1 the posterior, unnormalised
-    alpha^  = softmax_i(log p~ - log q'(y_i|x))                # §2 the targets
-    beta^   = softmax_i(log q_theta(y_i|x) - log q'(y_i|x))    # §2 the policy's own weights
-    loss    = KL(alpha^ || beta^)                              # §3 its gradient: -sum_i
+    log p~  = log p_sft(y_i|x) + r(x, y_i) / beta              # 1. the posterior, unnormalised
+    alpha^  = softmax_i(log p~ - log q'(y_i|x))                # 2. the targets
+    beta^   = softmax_i(log q_theta(y_i|x) - log q'(y_i|x))    # 2. the policy's own weights
+    loss    = KL(alpha^ || beta^)                              # 3. its gradient: -sum_i
     loss.backward(); optimizer.step()                          #  (alpha^_i - beta^_i) grad log q
 
 Part I (this half) is the method in the paper's order, the training loop, the exact evaluation on
@@ -72,9 +72,8 @@ class Config:
     sft_batch: int = arg(256, "sequences per SFT pretraining step")
 
     def __post_init__(self):
-        self.lr = (
-            1e-3 if self.lr is None else self.lr
-        )  # Part II's Args: other defaults with --model
+        # the defaults of lr and K (with --model, Part II's Args sets its own first)
+        self.lr = 1e-3 if self.lr is None else self.lr
         self.refresh_every = 0 if self.refresh_every is None else self.refresh_every
 
     def validate(self):
@@ -86,7 +85,10 @@ class Config:
         if self.n_samples < 2:
             raise ValueError(f"n_samples must be >= 2 (self-normalisation), got {self.n_samples}")
         if self.steps < 1 or self.prompts_per_step < 1:
-            raise ValueError(f"steps must be >= 1 and prompts_per_step >= 1, got {self.steps}")
+            raise ValueError(
+                f"steps must be >= 1 and prompts_per_step >= 1, got {self.steps} and "
+                f"{self.prompts_per_step}"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.refresh_every < 0:
@@ -107,8 +109,8 @@ class Config:
 # 1. The reward-conditioned posterior (paper §4) ---------------------------------------------------
 def log_goodness(reward, beta):
     """log p(G=1 | x, y) = r(x, y) / beta (ours, after the paper's Bradley-Terry case). Any
-    log-likelihood of "good" gives a valid Bayesian posterior: swap in, e.g., log 1[y satisfies c]
-    (GDC's target) and everything below works unchanged."""
+    log-likelihood of "good" gives a valid Bayesian posterior: swap in log 1[y satisfies c] (GDC's
+    target; each prompt then needs a sample that satisfies c) and the rest works unchanged."""
     return reward / beta
 
 
@@ -156,7 +158,8 @@ def brain_loss(policy_logp, proposal_logp, target_logp, check=True):
         check_scores(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
     log_a = log_alpha_hat(target_logp.detach(), proposal_logp.detach())  # a constant
     log_b = log_beta_hat(policy_logp, proposal_logp.detach())
-    return (log_a.exp() * (log_a - log_b)).sum(-1).mean()
+    kl_terms = log_a.exp() * (log_a - log_b)  # where alpha_hat_i = 0 exactly, the term is 0
+    return torch.where(log_a == -math.inf, 0.0, kl_terms).sum(-1).mean()
 
 
 # 4. Connections (paper §5). The same samples and the same alpha_hat; only the baseline differs:
@@ -342,19 +345,17 @@ def join(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return input_ids, attention_mask, full_mask
 
 
-# 6. Training (ours, where the paper's text was not available to us) -------------------------------
-#    Per step: B prompts -> n samples each, drawn exactly from the proposal q' (the SFT model, or
-#    the policy refreshed every K steps, as GDC++ does) -> proposal, SFT and reward scores, without
+# 6. Training (ours: choices that the paper leaves open) ------------------------------------------
+#    Per step: B prompts -> n samples each, drawn exactly from the proposal q' (the SFT model, the
+#    policy, or a copy of it refreshed every K steps) -> proposal, SFT and reward scores, without
 #    gradients -> one Adam step on the method's loss.
 def seed_everything(seed):  # the one place where the global generators are seeded
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def pick_device(name):
-    return torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    )
+def pick_device(name):  # "auto": CUDA when there is a GPU
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def autocast(device):  # bf16 on CUDA, fp32 on the CPU; log-probs are always taken in fp32
@@ -418,13 +419,12 @@ def batch_loss(cfg, proposal_logp, sft_logp, reward, coin, policy_logp):
 
 
 def train(cfg, sft, task, device, on_step=None, policy=None, state=None, backward=None, shard=ALL):
-    """Train `policy` (default: a copy of `sft`) with cfg.method on `task`; returns the policy.
-    task: prompt_ids, prompt_mask (left-padded), max_new_tokens, eos_id, pad_id and reward(x,
-    x_mask, y, y_mask) -> (N,). on_step(step, policy, proposal, info) runs before the first step
-    and after each. Part II passes a checkpoint's `state`, a `backward` (micro-batches, DDP) and
-    a `shard`."""
+    """Train `policy` (default: a copy of `sft`; in eval mode, so that q_theta is what the sampler
+    draws from) with cfg.method on `task`: prompt_ids, prompt_mask (left-padded), max_new_tokens,
+    eos_id, pad_id, reward(x, x_mask, y, y_mask) -> (N,). on_step(step, policy, proposal, info)
+    runs before the first step and after each; Part II passes `state`, `backward` and `shard`."""
     policy = (copy.deepcopy(sft) if policy is None else policy).eval().requires_grad_(True)
-    K = cfg.refresh_every  # eval(): no dropout, so q_theta is the distribution the sampler draws
+    K = cfg.refresh_every
     proposal = sft if K == 0 else policy if K == 1 else frozen(policy)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)  # (ours) Adam, a constant lr
     stream = sample_stream(cfg.seed, device)
@@ -435,16 +435,16 @@ def train(cfg, sft, task, device, on_step=None, policy=None, state=None, backwar
         on_step(start, policy, proposal, info)
     bar = progress(range(start, cfg.steps), f"train {cfg.method}", initial=start, total=cfg.steps)
     for step in bar:
-        if K > 1 and step % K == 0:  # (ours, as in GDC++) refresh the proposal; K = 1: the policy
+        if K > 1 and step % K == 0:  # (ours) refresh the proposal (K = 1: it is the policy)
             proposal.load_state_dict(policy.state_dict())
-        # ALGO LOGIC: B prompts, n samples each from q', scored without gradients; one Adam step
+        # ALGO LOGIC: B prompts, n samples of each from q', scored without gradients (5, 6)
         batch = score_batch(cfg, proposal, sft, task, stream, device, shard)
         seqs, proposal_logp, sft_logp, reward = batch
         coin = torch.rand(cfg.prompts_per_step, device=device, generator=stream)[shard]  # DPO-bt
         loss_of = functools.partial(batch_loss, cfg, proposal_logp, sft_logp, reward, coin)
         opt.zero_grad(set_to_none=True)
         loss, policy_logp = backward(seqs, loss_of)
-        check_finite(step, loss, policy_logp, log_posterior(sft_logp, reward, cfg.beta))
+        check_finite(step, loss, policy_logp, log_posterior(sft_logp, reward, cfg.beta))  # Part II
         opt.step()
         if step % 10 == 0 or step == cfg.steps - 1:  # .item() waits for the device: not each step
             bar.set_postfix(loss=f"{loss.item():.3f}", reward=f"{reward.mean().item():+.2f}")
@@ -557,7 +557,7 @@ class ToyLM(torch.nn.Module):
 
 
 class ToyWorld:
-    """The prompts, the reward, the enumerated completions and the SFT prior's corpus."""
+    """The prompts, the reward and the enumerated completions (the SFT corpus: Part II)."""
 
     def __init__(self, device):
         self.vocab, self.index = VOCAB, {w: i for i, w in enumerate(VOCAB)}
@@ -629,7 +629,7 @@ def run(cfg, show=True):
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     world = ToyWorld(device)
-    sft = pretrain_sft(world, cfg, device)
+    sft = pretrain_sft(world, cfg, device)  # the toy corpus and its pretraining: Part II
     log_sft = enumerate_logprobs(sft, world, device)
     log_post = posterior_table(log_sft, world.reward_table, cfg.beta)
     policy = train(cfg, sft, world, device)
@@ -1112,7 +1112,7 @@ def load_pretrained(model_class, name, what, flag, trust_remote_code=False):
     classifier = [a.endswith("ForSequenceClassification") for a in archs]
     wants_classifier = model_class.__name__.endswith("ForSequenceClassification")
     if archs and not any(c == wants_classifier for c in classifier):
-        raise ValueError(f"cannot load {what} from {name!r}: it is a {archs[0]}")
+        raise ValueError(f"cannot load {what} from {name!r} ({flag}): it is a {archs[0]}")
     try:
         model, info = model_class.from_pretrained(
             name, trust_remote_code=trust_remote_code, dtype=torch.float32, output_loading_info=True
@@ -1373,11 +1373,9 @@ def latest_checkpoint(out_dir):
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        folder = os.path.join(out_dir, f.read().strip())
-    if not (
-        CHECKPOINT_NAME.match(os.path.basename(folder))
-        and os.path.isfile(os.path.join(folder, TRAINER_STATE))
-    ):
+        name = f.read().strip()
+    folder = os.path.join(out_dir, name)  # a name in out_dir, never a path elsewhere
+    if not (CHECKPOINT_NAME.match(name) and os.path.isfile(os.path.join(folder, TRAINER_STATE))):
         raise ValueError(f"{path} points to {folder}, which is not a complete checkpoint")
     return folder
 
@@ -1408,7 +1406,13 @@ def load_trainer_state(folder, run_keys, steps):
 def restore(state, opt, stream, proposal):
     """A checkpoint's optimizer, sample stream and refreshed proposal; returns its step."""
     opt.load_state_dict(state["optimizer"])
-    stream.set_state(state["stream"])
+    try:
+        stream.set_state(state["stream"])
+    except RuntimeError:  # a generator's state is tied to the device type
+        raise ValueError(
+            "the checkpoint's sample stream is from another device type (CPU or "
+            "CUDA): resume it with the --device it was trained on"
+        ) from None
     if state["proposal"] is not None:
         proposal.load_state_dict(state["proposal"])
     return state["step"]
@@ -1454,7 +1458,7 @@ def prepare_output_dir(cfg, run_keys, writer=True):
             f"{out} holds {ours[0]} but no `latest` checkpoint of a run of this "
             "program; choose another --output-dir"
         )
-    if cfg.resume and not os.path.exists(metrics):
+    if cfg.resume and not os.path.exists(metrics) and writer:  # (rank 0 decides; it may rename)
         raise ValueError(f"--resume: no checkpoint in {out}")
     if os.path.exists(metrics) and writer:  # a run stopped before its first checkpoint: restart
         os.replace(metrics, metrics + ".interrupted")
@@ -1487,7 +1491,7 @@ def trim_metrics(path, step):
         f.writelines(kept)
 
 
-def prompts_hash(cfg, rows):
+def prompts_hash(rows):
     """The prompts' content, so a resume notices a file that changed under the same path."""
     import hashlib
 
@@ -1510,6 +1514,8 @@ def evaluate_text(policy, sft, task, rows, cfg, device):
         u = torch.rand(len(x), T, device=device, generator=gen)
         y0, ym0, _ = sample_completions(sft, x, xm, T, task.eos_id, task.pad_id, u)
         sft_logp = sequence_logprobs(sft, *join(x, xm, y, ym), task.eos_id)
+        if device.type == "cuda":  # under bf16 the sampler's cached pass differs a little from a
+            policy_logp = sequence_logprobs(policy, *join(x, xm, y, ym), task.eos_id)  # full one
     r_policy, r_sft = task.reward(x, xm, y, ym), task.reward(x, xm, y0, ym0)
 
     def wins(a, b):
@@ -1642,14 +1648,15 @@ def grad_norm(policy):
 def run_model(cfg):
     """--model: train a Hugging Face causal LM against a reward model, checkpoint, evaluate."""
     cfg.validate()
-    # everything is checked before any model is loaded or anything is written
+    # all that needs no model is checked before any is loaded (the prompts' lengths need the
+    # tokenizer), and nothing is written before every check has passed
     run_keys = {k: getattr(cfg, k) for k in RESUME_KEYS if k != "prompts_sha256"}
     run_keys["model"] = model_source(cfg.model, "--model")
     run_keys["reward_model"] = model_source(cfg.reward_model, "--reward-model")
     if cfg.prompts:
         run_keys["prompts"] = os.path.abspath(cfg.prompts)
     rows = load_prompts(cfg.prompts)
-    run_keys["prompts_sha256"] = prompts_hash(cfg, rows)
+    run_keys["prompts_sha256"] = prompts_hash(rows)
     device, rank, n_procs = setup_distributed(cfg)
     if cfg.prompts_per_step % n_procs:
         raise ValueError(
@@ -1696,7 +1703,7 @@ def run_model(cfg):
     t0 = time.time()
 
     with stop_after_step_on_ctrl_c() as ctrl_c:
-        last = {"time": time.time()}
+        last = {"time": time.time(), "final": None}
 
         def on_step(step, policy, proposal, info):
             if info["loss"] is None:
@@ -1718,10 +1725,10 @@ def run_model(cfg):
                     ess=f"{stats['ess']:.2f}",
                     refresh=False,
                 )
-                held_out = None
+                held_out = last["final"] = None
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    held_out = evaluate_text(policy, sft, task, eval_rows, cfg, device)
-                    held_out.pop("examples")
+                    last["final"] = evaluate_text(policy, sft, task, eval_rows, cfg, device)
+                    held_out = {k: v for k, v in last["final"].items() if k != "examples"}
                     last["time"] = time.time()  # the evaluation's time is not the step's
                 if out_dir:
                     log = {"step": step, **{k: v for k, v in stats.items() if k != "stop"}}
@@ -1734,19 +1741,21 @@ def run_model(cfg):
                         save_checkpoint(
                             out_dir, step, policy, proposal, sft, tokenizer, info, run_keys
                         )
-            if stop.item() or (n_procs > 1 and stats["stop"]):
+            if stats["stop"] and step < cfg.steps:  # every rank agrees (step_diagnostics)
+                if n_procs > 1:
+                    torch.distributed.barrier()  # rank 0 has saved the checkpoint
                 raise Interrupted(step)
 
         if rank == 0:
             start = state["step"] if state else 0
-            held_out = (
+            split = (
                 f"held out: {len(eval_rows)}"
                 if len(rows) > 1
                 else "one prompt: evaluated on it, none held out"
             )
             print(
                 f"training {cfg.model} with {cfg.method} on {len(train_rows)} prompts "
-                f"({held_out}), steps {start} -> {cfg.steps}, {n_procs} process(es) on {device}"
+                f"({split}), steps {start} -> {cfg.steps}, {n_procs} process(es) on {device}"
             )
         try:
             policy = train(cfg, sft, task, device, on_step, policy, state, backward, shard)
@@ -1754,8 +1763,8 @@ def run_model(cfg):
             where = f"; checkpoint saved in {out_dir}, go on with --resume" if out_dir else ""
             raise Interrupted(f"interrupted after step {stopped}{where}") from None
     results = None
-    if rank == 0:
-        results = evaluate_text(policy, sft, task, eval_rows, cfg, device)
+    if rank == 0:  # the held-out evaluation (done already when --eval-every reached the end)
+        results = last["final"] or evaluate_text(policy, sft, task, eval_rows, cfg, device)
         results["config"] = asdict(cfg)
         results["train_s"] = round(time.time() - t0, 2)
         print_text_results(results)
@@ -2031,6 +2040,7 @@ class Args(Config):
             "--resume": self.resume,
             "--micro-batch": self.micro_batch,
             "--eval-every": self.eval_every,
+            "--save-every": self.save_every,
         }
         given = [flag for flag, value in model_only.items() if value]
         if self.model is None and given:

@@ -111,6 +111,27 @@ def test_policy_equal_to_posterior_gives_zero_loss_and_gradient():
         assert theta.grad.abs().max().item() < 1e-12
 
 
+def test_brain_loss_takes_a_hard_constraint():
+    # log p(G=1|x,y) = log 1[y satisfies c]: the violating samples get alpha_hat = 0 and add
+    # nothing to KL(alpha_hat || beta_hat); the rest is the KL over the satisfying ones, by hand
+    g = torch.Generator().manual_seed(21)
+    pol = torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    prop, sft = (torch.randn(2, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    ok = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    target = torch.where(ok, sft, -math.inf)
+    loss = brain.brain_loss(pol, prop, target, check=False)
+    expected = 0.0
+    for b in range(2):
+        la = (sft[b] - prop[b])[ok[b]]
+        alpha = la.exp() / la.exp().sum()
+        lb = (pol[b] - prop[b]).detach()
+        log_beta = lb - torch.logsumexp(lb, 0)
+        expected += (alpha * (alpha.log() - log_beta[ok[b]])).sum().item() / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    loss.backward()
+    assert torch.isfinite(pol.grad).all()
+
+
 def test_policy_away_from_posterior_gives_positive_loss():
     w = categorical(5)
     y = draw(w["proposal"], 3, 6, w["g"])
