@@ -16,7 +16,7 @@ an embedded toy world and the default run. Part II, after its banner, holds the 
 Comments tag whose each choice is: (paper), (authors' code: their public toy code), (ours).
 This is a teaching reference, not a library: copy what you need.
 
-    python brain.py          # BRAIn on the embedded world: offline, CPU, about 15 s
+    python brain.py          # BRAIn on the embedded world: offline, CPU, about 16 s
     python brain.py --help   # every flag (--compare, --model, --bench), with its default
 """
 

@@ -1472,7 +1472,7 @@ def test_posterior_is_the_reward_kl_frontier(world_and_sft):
 # ------------------------------------------------------------------------------------------
 NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notebooks")
 # name -> the plots it draws at least; real_model.ipynb needs a real pretrained LM (see below)
-NOTEBOOKS = {"gradient_variance.ipynb": 4, "reproduce_paper.ipynb": 4}
+NOTEBOOKS = {"gradient_variance.ipynb": 4, "reproduce_paper.ipynb": 4, "real_model.ipynb": 2}
 
 
 def real_model_missing():
