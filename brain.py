@@ -444,7 +444,7 @@ def train(cfg, sft, task, device, on_step=None, policy=None, state=None, backwar
         loss_of = functools.partial(batch_loss, cfg, proposal_logp, sft_logp, reward, coin)
         opt.zero_grad(set_to_none=True)
         loss, policy_logp = backward(seqs, loss_of)
-        check_finite(step, loss, policy_logp, log_posterior(sft_logp, reward, cfg.beta))  # Part II
+        check_finite(step, loss, policy_logp, sft_logp, reward, cfg.beta)  # Part II
         opt.step()
         if step % 10 == 0 or step == cfg.steps - 1:  # .item() waits for the device: not each step
             bar.set_postfix(loss=f"{loss.item():.3f}", reward=f"{reward.mean().item():+.2f}")
@@ -647,7 +647,6 @@ def run(cfg, show=True):
     return results
 
 
-# ================================================================================================
 # Part II: tools around the method — you can stop reading here
 #    --compare, real models (--model, checkpoints, resume, torchrun), --bench, the command line
 # ================================================================================================
@@ -672,10 +671,11 @@ def check_scores(**named):
         raise ValueError(f"{', '.join(bad)} contains NaN or inf")
 
 
-def check_finite(step, loss, policy_logp, target_logp):
+def check_finite(step, loss, policy_logp, sft_logp, reward, beta):
     """Stop at the first non-finite loss, before the step corrupts the weights, saying what went
     non-finite and which flag is the likely cause. (ours)"""
     if not torch.isfinite(loss):
+        target_logp = log_posterior(sft_logp, reward, beta)  # only to say what went wrong
         what = (
             "the policy's log-probs (its weights diverged: try a smaller --lr)"
             if not torch.isfinite(policy_logp).all()
@@ -1418,15 +1418,11 @@ def restore(state, opt, stream, proposal):
     return state["step"]
 
 
-def check_writable(path, flag):
-    """`path` (a file or a folder) can be written, found out before any model is loaded."""
-    if os.path.exists(path) and not (
-        os.path.isdir(path) if flag == "--output-dir" else os.path.isfile(path)
-    ):
-        raise ValueError(
-            f"{flag} {path}: exists and is not a {'folder' if flag == '--output-dir' else 'file'}"
-        )
-    parent = path if flag == "--output-dir" else os.path.dirname(os.path.abspath(path))
+def check_writable(path, flag, folder=False):
+    """`path` (a folder, or a file) can be written, found out before any model is loaded."""
+    if os.path.exists(path) and not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        raise ValueError(f"{flag} {path}: exists and is not a {'folder' if folder else 'file'}")
+    parent = path if folder else os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(os.path.abspath(parent))
     if not os.path.isdir(parent):
@@ -1442,7 +1438,7 @@ def prepare_output_dir(cfg, run_keys, writer=True):
     """What the output folder holds decides, before any model is loaded, how the run goes on:
     returns the checkpoint's trainer state to resume from, or None for a fresh start."""
     out = cfg.output_dir
-    check_writable(out, "--output-dir")
+    check_writable(out, "--output-dir", folder=True)
     metrics = os.path.join(out, "metrics.jsonl")
     resume_from = latest_checkpoint(out) if os.path.isdir(out) else None
     if resume_from and not cfg.resume:

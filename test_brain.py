@@ -1255,11 +1255,11 @@ def test_tiny_beta_stops_with_a_message_that_names_beta(capsys):
 def test_check_finite_names_the_likely_flag(which, flag):
     nan = torch.tensor([[0.0, float("nan")]])
     finite = torch.zeros(1, 2)
-    policy, target = (nan, finite) if which == "policy" else (finite, nan)
-    with pytest.raises(ValueError, match=flag) as e:
-        brain.check_finite(4, torch.tensor(float("nan")), policy, target)
+    policy, sft = (nan, finite) if which == "policy" else (finite, nan)
+    with pytest.raises(ValueError, match=flag) as e:  # sft + reward / beta is the target
+        brain.check_finite(4, torch.tensor(float("nan")), policy, sft, finite, 1.0)
     assert "step 5" in str(e.value) and "NaN or inf" in str(e.value)
-    brain.check_finite(4, torch.tensor(0.5), finite, finite)  # a finite loss passes
+    brain.check_finite(4, torch.tensor(0.5), finite, finite, finite, 1.0)  # a finite loss passes
 
 
 def test_resume_drops_a_torn_last_metrics_line(two_step_run, tiny_models, tmp_path, capsys):
