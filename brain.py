@@ -1380,106 +1380,138 @@ def step_diagnostics(cfg, loop, stop, n_procs):
     return dict(loss=loss, reward=r, reward_std=spread, kl=kl_sn, ess=ess, stop=stop > 0)
 
 
-def run_model(cfg):
+class ModelRun:
     """--model: train a Hugging Face causal LM against a reward model, checkpoint, evaluate. All
-    that needs no model is checked before any is loaded (Args.validate, then here)."""
-    keys = ("method", "prompts_per_step", "n_samples", "beta", "lr", "refresh_every", "dpo_labels")
-    run_keys = {k: getattr(cfg, k) for k in (*keys, "seed", "reward_label", "max_new_tokens")}
-    run_keys["model"] = model_source(cfg.model, "--model")
-    run_keys["reward_model"] = model_source(cfg.reward_model, "--reward-model")
-    rows = load_prompts(cfg.prompts)
-    digest = hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest()[:16]
-    run_keys.update(prompts=cfg.prompts and os.path.abspath(cfg.prompts), prompts_sha256=digest)
-    device, rank, n_procs = setup_distributed(cfg)
-    if cfg.prompts_per_step % n_procs:
-        raise ValueError(f"prompts_per_step must be a multiple of the {n_procs} processes")
-    folder = state = resume_from = None
-    if cfg.output_dir:  # rank 0 opens (and locks) the folder; the others read it after
-        folder = RunFolder(cfg.output_dir, run_keys, cfg.resume) if rank == 0 else None
-        if n_procs > 1:
-            dist.barrier()
-        folder = folder or RunFolder(cfg.output_dir, run_keys, cfg.resume, write=False)
-        state, resume_from = folder.state(cfg.steps, device)
-    seed_everything(cfg.seed)
-    import transformers
+    that needs no model is checked when it is made (Args.validate, then here), before any load."""
 
-    transformers.logging.set_verbosity_error()  # missing weights are our errors, not warnings
-    transformers.logging.disable_progress_bar()
-    rm = RewardModel(run_keys["reward_model"], cfg.reward_label, cfg.trust_remote_code, device)
-    sft, tokenizer = load_causal_lm(run_keys["model"], cfg.trust_remote_code, quiet=rank > 0)
-    held = max(1, len(rows) // 5)  # the last fifth of the prompts is held out for evaluation
-    train_rows, eval_rows = (rows[:-held], rows[-held:]) if len(rows) > 1 else (rows, rows)
-    source = cfg.prompts or "built-in prompts"
-    check_prompt_lengths(rows, tokenizer, cfg.max_new_tokens, model_context(sft), source)
-    eos = getattr(sft.generation_config, "eos_token_id", None)  # Llama-3 has two
-    eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
-    task = TextTask(train_rows, tokenizer, rm, cfg.max_new_tokens, eos, device)
-    if not cfg.micro_batch and device.type == "cpu":  # (ours) at most ~2^27 logits a pass
-        length = task.prompt_ids.shape[1] + cfg.max_new_tokens
-        fits = max(cfg.n_samples, 2**27 // (length * len(tokenizer)))
-        cfg = replace(cfg, micro_batch=0 if fits >= cfg.prompts_per_step * cfg.n_samples else fits)
-    sft = frozen(sft.to(device))
-    policy = load_causal_lm(resume_from, quiet=True)[0] if resume_from else copy.deepcopy(sft)
-    model = policy.to(device).requires_grad_(True)
-    if n_procs > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=ids)
-    if folder and rank == 0:
-        folder.trim_metrics(state["step"] if state else 0)
-    t0, last, K = time.time(), {"time": time.time(), "eval": None}, cfg.refresh_every
-    samples_from = "sft" if K == 0 else "policy" if K == 1 else f"policy, refreshed every {K}"
-
-    def on_step(step, loop):  # log, evaluate, checkpoint, stop: all after a whole step
-        stats = step_diagnostics(
-            cfg, loop, torch.tensor(float(asked["stop"]), device=device), n_procs
+    def __init__(self, cfg):
+        keys = ("method", "prompts_per_step", "n_samples", "beta", "lr", "refresh_every", "seed")
+        self.keys = {k: getattr(cfg, k) for k in (*keys, "dpo_labels", "reward_label")}
+        self.keys["model"] = model_source(cfg.model, "--model")
+        self.keys["reward_model"] = model_source(cfg.reward_model, "--reward-model")
+        self.rows = load_prompts(cfg.prompts)
+        digest = hashlib.sha256(json.dumps([r["prompt"] for r in self.rows]).encode()).hexdigest()
+        prompts = cfg.prompts and os.path.abspath(cfg.prompts)
+        self.keys.update(
+            prompts=prompts, prompts_sha256=digest[:16], max_new_tokens=cfg.max_new_tokens
         )
-        if rank == 0:
+        self.device, self.rank, self.n_procs = setup_distributed(cfg)
+        if cfg.prompts_per_step % self.n_procs:
+            raise ValueError(f"prompts_per_step must be a multiple of the {self.n_procs} processes")
+        self.cfg, self.folder, self.state, self.resume_from = cfg, None, None, None
+        if cfg.output_dir:  # rank 0 opens (and locks) the folder; the others read it after
+            self.folder = (
+                RunFolder(cfg.output_dir, self.keys, cfg.resume) if self.rank == 0 else None
+            )
+            if self.n_procs > 1:
+                dist.barrier()
+            self.folder = self.folder or RunFolder(
+                cfg.output_dir, self.keys, cfg.resume, write=False
+            )
+            self.state, self.resume_from = self.folder.state(cfg.steps, self.device)
+
+    def load(self):
+        """The reward model (first: a bad --reward-label costs no LM load), the SFT model, the task
+        and the policy (the checkpoint's when resuming, wrapped in DDP with several processes)."""
+        import transformers
+
+        cfg, device, rows = self.cfg, self.device, self.rows
+        seed_everything(cfg.seed)
+        transformers.logging.set_verbosity_error()  # missing weights are our errors, not warnings
+        transformers.logging.disable_progress_bar()
+        rm = RewardModel(self.keys["reward_model"], cfg.reward_label, cfg.trust_remote_code, device)
+        sft, tok = load_causal_lm(self.keys["model"], cfg.trust_remote_code, quiet=self.rank > 0)
+        held = max(1, len(rows) // 5)  # the last fifth of the prompts is held out for evaluation
+        self.train_rows, self.eval_rows = (
+            (rows[:-held], rows[-held:]) if len(rows) > 1 else (rows, rows)
+        )
+        source = cfg.prompts or "built-in prompts"
+        check_prompt_lengths(rows, tok, cfg.max_new_tokens, model_context(sft), source)
+        eos = getattr(sft.generation_config, "eos_token_id", None)  # Llama-3 has two
+        eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+        self.task = TextTask(self.train_rows, tok, rm, cfg.max_new_tokens, eos, device)
+        if not cfg.micro_batch and device.type == "cpu":  # (ours) at most ~2^27 logits a pass
+            length = self.task.prompt_ids.shape[1] + cfg.max_new_tokens
+            fits = max(cfg.n_samples, 2**27 // (length * len(tok)))
+            all_at_once = fits >= cfg.prompts_per_step * cfg.n_samples
+            self.cfg = replace(cfg, micro_batch=0 if all_at_once else fits)
+        self.sft, self.tokenizer = frozen(sft.to(device)), tok
+        policy = load_causal_lm(self.resume_from, quiet=True)[0] if self.resume_from else sft
+        self.model = copy.deepcopy(policy).to(device).requires_grad_(True)
+        if self.n_procs > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def after_step(self, step, loop):
+        """Log, evaluate, checkpoint, stop: all after a whole step (train's on_step)."""
+        cfg, folder, K = self.cfg, self.folder, self.cfg.refresh_every
+        stop = torch.tensor(float(self.asked["stop"]), device=self.device)
+        stats = step_diagnostics(cfg, loop, stop, self.n_procs)
+        if self.rank == 0:
             grads = [p.grad.norm() for p in loop["policy"].parameters() if p.grad is not None]
-            now, last["eval"] = time.time(), None
-            stats.update(samples_from=samples_from, grad_norm=torch.stack(grads).norm().item())
-            stats.update(step_s=round(now - last["time"], 3), seconds=round(now - t0, 3))
-            bar = {k: f"{stats[k]:.2f}" for k in ("reward", "kl", "ess")}
-            loop["bar"].set_postfix(bar, refresh=False)
+            now, self.last_eval = time.time(), None
+            source = "sft" if K == 0 else "policy" if K == 1 else f"policy, refreshed every {K}"
+            stats.update(samples_from=source, grad_norm=torch.stack(grads).norm().item())
+            stats.update(step_s=round(now - self.step_t, 3), seconds=round(now - self.t0, 3))
+            loop["bar"].set_postfix({k: f"{stats[k]:.2f}" for k in ("reward", "kl", "ess")})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                last["eval"] = evaluate_text(loop["policy"], sft, task, eval_rows, cfg, device)
-            last["time"] = time.time()  # an evaluation's time is not the step's
+                self.last_eval = self.evaluate(loop["policy"])
+            self.step_t = time.time()  # an evaluation's time is not the step's
             if folder:
                 folder.log({"step": step, **{k: v for k, v in stats.items() if k != "stop"}})
-                if last["eval"]:
-                    held_out = {k: v for k, v in last["eval"].items() if k != "examples"}
+                if self.last_eval:
+                    held_out = {k: v for k, v in self.last_eval.items() if k != "examples"}
                     folder.log({"step": step, "held_out": held_out})
                 due = cfg.save_every and step % cfg.save_every == 0
                 if due or step == cfg.steps or stats["stop"]:
-                    models = loop["policy"], loop["proposal"], sft, tokenizer
+                    models = loop["policy"], loop["proposal"], self.sft, self.tokenizer
                     folder.save_checkpoint(step, *models, loop["opt"], loop["stream"])
         if stats["stop"] and step < cfg.steps:  # every rank agrees (step_diagnostics)
-            if n_procs > 1:
+            if self.n_procs > 1:
                 dist.barrier()  # rank 0 has saved the checkpoint
             raise Interrupted(step)
 
-    if rank == 0:
-        split = f"held out: {len(eval_rows)}" if len(rows) > 1 else "the one prompt evaluated"
-        size = f"{n_procs} process(es) on {device}, micro-batches of {cfg.micro_batch or 'all'}"
-        start = state["step"] if state else 0
-        print(f"training {cfg.model} with {cfg.method} on {len(train_rows)} prompts ({split}), "
-              f"steps {start} -> {cfg.steps}, {size} samples")  # fmt: skip
-    with stop_after_step() as asked:
-        try:
-            policy = train(cfg, sft, task, model, state, on_step)
-        except Interrupted as stopped:
-            where = f"; checkpoint saved in {cfg.output_dir}, go on with --resume" if folder else ""
-            raise Interrupted(f"interrupted after step {stopped}{where}") from None
-        results = None
-        if rank == 0:  # the held-out evaluation (done already when --eval-every reached the end)
-            results = last["eval"] or evaluate_text(policy, sft, task, eval_rows, cfg, device)
-            results.update(config=asdict(cfg), train_s=round(time.time() - t0, 2))
-            print_text_results(results)
-            if folder:
-                write_atomic(folder.own("eval.json"), lambda f: json.dump(results, f, indent=2))
-    if n_procs > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return results
+    def evaluate(self, policy):
+        return evaluate_text(policy, self.sft, self.task, self.eval_rows, self.cfg, self.device)
+
+    def train(self):
+        """Part I's train() with this run's policy, state and after_step; then the evaluation."""
+        cfg, start = self.cfg, self.state["step"] if self.state else 0
+        if self.folder and self.rank == 0:
+            self.folder.trim_metrics(start)
+        if self.rank == 0:
+            split = f"held out: {len(self.eval_rows)}" if len(self.rows) > 1 else "one, evaluated"
+            where = f"{self.n_procs} process(es) on {self.device}"
+            size = f"micro-batches of {cfg.micro_batch or 'all'} samples"
+            print(f"training {cfg.model} with {cfg.method} on {len(self.train_rows)} prompts "
+                  f"({split}), steps {start} -> {cfg.steps}, {where}, {size}")  # fmt: skip
+        self.t0 = self.step_t = time.time()
+        self.last_eval, results = None, None
+        with stop_after_step() as self.asked:
+            try:
+                policy = train(cfg, self.sft, self.task, self.model, self.state, self.after_step)
+            except Interrupted as stopped:
+                where = f"; checkpoint saved in {cfg.output_dir}, go on with --resume"
+                where = where if self.folder else ""
+                raise Interrupted(f"interrupted after step {stopped}{where}") from None
+            if self.rank == 0:  # the held-out evaluation (done when --eval-every reached the end)
+                results = self.last_eval or self.evaluate(policy)
+                results.update(config=asdict(cfg), train_s=round(time.time() - self.t0, 2))
+                print_text_results(results)
+                if self.folder:
+                    eval_json = self.folder.own("eval.json")
+                    write_atomic(eval_json, lambda f: json.dump(results, f, indent=2))
+        if self.n_procs > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return results
+
+
+def run_model(cfg):
+    """--model: check and open (ModelRun), load, train, evaluate."""
+    run = ModelRun(cfg)
+    run.load()
+    return run.train()
 
 
 # ------------------------------------------------------------------------------------------------
