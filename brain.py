@@ -72,7 +72,8 @@ class Config:
             if not ok:
                 raise ValueError(message)
 
-        need(self.method in METHODS, f"unknown method {self.method!r}; choose one of {METHODS}")
+        methods = ", ".join(METHODS)
+        need(self.method in METHODS, f"unknown method {self.method!r}; choose one of {methods}")
         need(0 < self.beta < math.inf, f"beta must be a finite number > 0, got {self.beta}")
         need(0 < self.lr <= 1, f"lr must be a number in (0, 1], got {self.lr}")
         least = dict(n_samples=2, steps=1, prompts_per_step=1, micro_batch=0, refresh_every=0)
@@ -1121,12 +1122,15 @@ def check_prompt_lengths(rows, tokenizer, max_new_tokens, context, source):
 #    exclusive lock for its whole life, writes every file under a temporary name and renames it,
 #    and deletes only what RUN_FILE names as its own: faults are impossible by design.
 RUN_FILE, TRAINER_STATE = ".brain-run.json", "trainer_state.pt"
+UMASK = os.umask(0o22)  # read once (and set back): temporary names get the usual permissions
+os.umask(UMASK)
 
 
 def write_atomic(path, write):
     """write(f) into a temporary file beside `path`, then rename it: never a torn or empty file."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
     try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 is for secrets
         with os.fdopen(fd, "w") as f:
             write(f)
         os.replace(tmp, path)
@@ -1227,6 +1231,7 @@ class RunFolder:
         if os.path.lexists(self.own(name)):
             raise ValueError(f"{self.own(name)}: not this run's; move it away, then --resume")
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.path)
+        os.chmod(tmp, 0o777 & ~UMASK)
         self.record["saving"] = {"tmp": os.path.basename(tmp), "final": name}
         self.save_record()
         own_proposal = proposal is not sft and proposal is not policy  # a refreshed copy
@@ -1432,7 +1437,7 @@ class ModelRun:
         self.task = TextTask(self.train_rows, tok, rm, cfg.max_new_tokens, eos, device)
         if not cfg.micro_batch and device.type == "cpu":  # (ours) at most ~2^27 logits a pass
             length = self.task.prompt_ids.shape[1] + cfg.max_new_tokens
-            fits = max(cfg.n_samples, 2**27 // (length * len(tok)))
+            fits = max(1, 2**27 // (length * len(tok) * cfg.n_samples)) * cfg.n_samples
             all_at_once = fits >= cfg.prompts_per_step * cfg.n_samples
             self.cfg = replace(cfg, micro_batch=0 if all_at_once else fits)
         self.sft, self.tokenizer = frozen(sft.to(device)), tok

@@ -952,6 +952,10 @@ def test_model_cli_trains_checkpoints_and_resumes(tiny_models, tmp_path, capsys)
         out_ids = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=1)
         assert out_ids.shape[1] > ids.shape[1]
         assert json.loads((out / "eval.json").read_text())["prompts"] == 1
+        umask = os.umask(0o22)
+        os.umask(umask)  # the files get the permissions that any other file would get
+        for p in (out / "eval.json", out / ".brain-run.json", ckpt):
+            assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask
 
 
 def test_model_cli_micro_batches_and_pad_note(tiny_models, tmp_path, capsys):
