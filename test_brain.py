@@ -758,11 +758,6 @@ def weights(folder):
 # ------------------------------------------------------------------------------------------
 # Real models: every mistake is one clear line, found before any slow work, and touches nothing
 # ------------------------------------------------------------------------------------------
-def write(path, text):
-    path.write_text(text)
-    return str(path)
-
-
 def files(folder):
     """Every file under `folder`, with its bytes and modification time (folders left out)."""
     return {k: v for k, v in snapshot(folder).items() if v[0] is not None}
@@ -1034,13 +1029,6 @@ def snapshot(folder):
 
 def metric_lines(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):  # AssertionError: main does not turn it into a message
-        raise AssertionError("a model was loaded before the check")
-
-    monkeypatch.setattr(brain, "load_pretrained", refuse)
 
 
 def no_training(monkeypatch):
