@@ -100,7 +100,7 @@ class Config:
         return self
 
 
-# 1. The reward-conditioned posterior (paper §4) ---------------------------------------------------
+# [I.1] The reward-conditioned posterior (paper §4) ------------------------------------------------
 def log_goodness(reward, beta):
     """log p(G=1 | x, y) = r(x, y) / beta up to a constant: (paper) the Bradley-Terry goodness;
     (ours) a swappable one-line function. Any log-likelihood of "good" gives a valid posterior:
@@ -115,7 +115,7 @@ def log_posterior(sft_logp, reward, beta):
     return sft_logp + log_goodness(reward, beta)
 
 
-# 2. Self-normalised importance weights (paper §4) -------------------------------------------------
+# [I.2] Self-normalised importance weights (paper §4) ----------------------------------------------
 #    For the n samples y_1..y_n ~ q'(.|x) of one prompt, in log space:
 #      log alpha_i = log p~(y_i|x, G=1) - log q'(y_i|x)    alpha_hat = softmax_i(log alpha)
 #      log b_i     = log q_theta(y_i|x) - log q'(y_i|x)    beta_hat  = softmax_i(log b)
@@ -151,7 +151,7 @@ def check_scores(**named):
         raise ValueError(f"shapes differ: { {k: tuple(x.shape) for k, x in named.items()} }")
 
 
-# 3. The BRAIn loss and its self-normalised baseline (paper §4, Theorem 4.2; authors' code) --------
+# [I.3] The BRAIn loss and its self-normalised baseline (paper §4, Theorem 4.2; authors' code) -----
 def brain_loss(policy_logp, proposal_logp, target_logp):
     """L = KL(alpha_hat || beta_hat(theta)), averaged over prompts; differentiable through
     policy_logp only. (authors' code) The ascent direction is sum_i (alpha_hat_i - beta_hat_i)
@@ -168,7 +168,7 @@ def brain_loss(policy_logp, proposal_logp, target_logp):
     return torch.where(log_a == -math.inf, 0.0, kl_terms).sum(-1).mean()
 
 
-# 4. Connections (paper §5). The same samples and the same alpha_hat; only the baseline differs:
+# [I.4] Connections (paper §5). The same samples and the same alpha_hat; only the baseline differs:
 #      DPG    weight alpha_hat_i                (no baseline; Khalifa et al. 2021)
 #      GDC++  weight alpha_hat_i - b_i / n      (unnormalised baseline; Korbak et al. 2022)
 #      BRAIn  weight alpha_hat_i - beta_hat_i   (self-normalised baseline)
@@ -266,7 +266,7 @@ def method_loss(
     return losses[method](policy_logp, proposal_logp, log_posterior(sft_logp, reward, beta))
 
 
-# 5. Language-model plumbing: sequence log-probs and exact sampling --------------------------------
+# [I.5] Language-model plumbing: sequence log-probs and exact sampling -----------------------------
 #    Sequences are [prompt | completion]; prompts are left-padded, completions right-padded.
 def positions(attention_mask):  # position ids that skip left padding
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -346,7 +346,7 @@ def join(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return input_ids, attention_mask, full_mask
 
 
-# 6. Training (ours: choices that the paper leaves open) ------------------------------------------
+# [I.6] Training (ours: choices that the paper leaves open) ---------------------------------------
 #    Per step: B prompts -> n samples of each from the proposal q' (the SFT model, the policy, or a
 #    copy refreshed every K steps) -> scores without gradients -> the method's loss -> Adam step.
 def seed_everything(seed):  # the one place where the global generators are seeded
@@ -440,7 +440,7 @@ def train(cfg, sft, task, policy=None, state=None, on_step=None):
     for step in (bar := progress(range(start, cfg.steps), "train", initial=start, total=cfg.steps)):
         if K > 1 and step % K == 0:  # (ours) refresh the proposal (K = 1: it is the policy)
             proposal.load_state_dict(policy.state_dict())
-        # ALGO LOGIC: B prompts, n samples of each from q', scored without gradients (5, 6)
+        # ALGO LOGIC: B prompts, n samples of each from q', scored without gradients ([I.5], [I.6])
         seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, stream, shard)
         coin = torch.rand(cfg.prompts_per_step, device=device, generator=stream)[shard]  # DPO bt
         opt.zero_grad(set_to_none=True)
@@ -465,7 +465,7 @@ def train(cfg, sft, task, policy=None, state=None, on_step=None):
     return policy
 
 
-# 7. Evaluation: exact, by enumerating every completion of every prompt (the embedded world) -------
+# [I.7] Evaluation: exact, by enumerating every completion of every prompt (the embedded world) ----
 #    KL(posterior || policy): how well the policy amortises the posterior (0 is perfect);
 #    KL(policy || SFT) and E_policy[r]: the two axes of the reward-KL frontier.
 def enumerate_logprobs(model, world, device, grad=False):
