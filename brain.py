@@ -81,21 +81,11 @@ class Config:
             need(getattr(self, name) >= low, f"{name} must be >= {low}, got {getattr(self, name)}")
         samples = self.prompts_per_step * self.n_samples
         need(samples <= 10**6, f"B * n = {samples:,} samples a step is over 1,000,000")
-        rloo_ok = self.method != "rloo" or self.refresh_every == 1
-        need(
-            rloo_ok,
-            f"--method rloo is on-policy: it needs --refresh-every 1, not {self.refresh_every}",
-        )
-        need(
-            self.dpo_labels in ("argmax", "bt"),
-            f"dpo_labels: argmax or bt, not {self.dpo_labels!r}",
-        )
-        need(
-            self.device in ("auto", "cpu", "cuda"),
-            f"device: auto, cpu or cuda, not {self.device!r}",
-        )
-        cuda_ok = self.device != "cuda" or torch.cuda.is_available()
-        need(cuda_ok, "--device cuda, but torch sees no CUDA GPU (use --device cpu or auto)")
+        labels, device, K = self.dpo_labels, self.device, self.refresh_every
+        need(self.method != "rloo" or K == 1, f"rloo learns on-policy: --refresh-every 1, not {K}")
+        need(labels in ("argmax", "bt"), f"dpo_labels: argmax or bt, not {labels!r}")
+        need(device in ("auto", "cpu", "cuda"), f"device: auto, cpu or cuda, not {device!r}")
+        need(device != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no GPU")
         need(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2**63), got {self.seed}")
         return self
 
@@ -311,8 +301,7 @@ def sample_completions(
     pad = int(eos[0]) if pad_token_id is None else pad_token_id
     if uniforms is None:
         uniforms = torch.rand(n, max_new_tokens, device=device)
-    attn = prompt_mask.long()
-    pos = positions(attn)
+    attn, pos = prompt_mask.long(), positions(prompt_mask.long())
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
     next_pos = pos[:, -1:] + 1
     alive = torch.ones(n, dtype=torch.bool, device=device)
@@ -572,8 +561,7 @@ class ToyWorld:
     def __init__(self, device):
         self.vocab, self.index = VOCAB, {w: i for i, w in enumerate(VOCAB)}
         self.eos_id = self.pad_id = self.index[EOS]
-        self.max_new_tokens = MAX_NEW_TOKENS
-        self.subjects = list(SUBJECTS)
+        self.max_new_tokens, self.subjects = MAX_NEW_TOKENS, list(SUBJECTS)
         self.prompts = [f"the {s} was" for s in self.subjects]
         self.prompt_ids = torch.tensor([self.encode(p) for p in self.prompts], device=device)
         self.prompt_mask = torch.ones_like(self.prompt_ids)

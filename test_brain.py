@@ -343,7 +343,7 @@ def test_brain_and_rloo_have_the_same_optimum():
 
 
 def test_rloo_needs_the_policy_as_proposal():
-    with pytest.raises(ValueError, match="rloo is on-policy"):
+    with pytest.raises(ValueError, match="rloo learns on-policy"):
         brain.Config(method="rloo", refresh_every=0).validate()
     assert brain.Config(method="rloo").validate().refresh_every == 1  # its default: on-policy
 
@@ -779,7 +779,7 @@ BAD_INPUTS = {
     "lr_1e30": ("args", "lr must be a number in (0, 1], got 1e+30"),
     "n_samples_1e10": ("args", "samples a step is over 1,000,000"),
     "prompts_per_step_1e9": ("args", "samples a step is over 1,000,000"),
-    "rloo_off_policy": ("args", "rloo is on-policy: it needs --refresh-every 1, not 0"),
+    "rloo_off_policy": ("args", "rloo learns on-policy: --refresh-every 1, not 0"),
     "reward_label_alone": ("args", "--reward-label: only with --model"),
     "max_new_tokens_alone": ("args", "--max-new-tokens: only with --model"),
     "seeds_alone": ("args", "--methods, --seeds: with --compare"),
