@@ -1162,14 +1162,15 @@ def test_a_full_disk_stops_the_run_with_its_last_checkpoint(
     assert code == 0 and "steps 1 -> 2" in text, err
 
 
+def killed(*args, **kwargs):  # a kill: nothing after it runs, and main says "interrupted"
+    raise KeyboardInterrupt
+
+
 def test_a_run_stopped_in_its_final_evaluation_finishes_it_on_resume(
     tiny_models, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "run"
     argv = tiny_argv(tiny_models, out, "--steps", "2")
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
 
     monkeypatch.setattr(brain, "evaluate_text", killed)
     assert cli(argv, capsys)[0] == 130
@@ -1187,9 +1188,6 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(
 ):
     out = tmp_path / "run"
     argv = tiny_argv(tiny_models, out, "--steps", "2")
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
 
     monkeypatch.setattr(brain.RunFolder, "save_checkpoint", killed)
     assert cli(argv, capsys)[0] == 130
