@@ -53,7 +53,7 @@ class Config:
     steps: int = arg(200, "optimizer steps")
     prompts_per_step: int = arg(16, "B: prompts per step, drawn uniformly with replacement")
     lr: float | None = arg(None, "Adam learning rate")
-    micro_batch: int = arg(0, "samples per forward/backward, in whole prompts (0: all at once)")
+    micro_batch: int = arg(0, "samples per pass, whole prompts (0: all; --model on a CPU: to fit)")
     seed: int = arg(0, "the one seed: corpus, SFT pretraining, prompts, samples")
     device: str = arg("auto", "auto (CUDA when there is a GPU), cpu or cuda")
     # the embedded world
