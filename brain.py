@@ -798,17 +798,6 @@ def brain_gdcpp_gap(cfg, policy, sft, task, generator):
     return gap
 
 
-def reward_kl_frontier(log_sft, reward, betas):
-    """The exact reward-KL frontier: for each beta, the posterior's (E[r], KL(posterior || SFT)).
-    No policy can reach more reward at the same KL to the SFT model."""
-    points = []
-    for beta in betas:
-        log_post = posterior_table(log_sft, reward, beta)
-        m = exact_metrics(log_post, log_sft, log_post, reward)
-        points.append({"beta": beta, "reward": m["reward"], "kl_policy_sft": m["kl_policy_sft"]})
-    return points
-
-
 def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_every=50,
             variance_batches=16, show=True):  # fmt: skip
     """Train every variant on identical sample streams for `seeds` seeds; exact metrics along the
@@ -1429,9 +1418,9 @@ class ModelRun:
             fits = max(1, 2**27 // (length * len(tok) * cfg.n_samples)) * cfg.n_samples
             all_at_once = fits >= cfg.prompts_per_step * cfg.n_samples
             self.cfg = replace(cfg, micro_batch=0 if all_at_once else fits)
-        self.sft, self.tokenizer = frozen(sft.to(device)), tok
+        self.sft, self.tokenizer = frozen(sft.to(device)), tok  # frozen() copies: sft is free
         policy = load_causal_lm(self.resume_from, quiet=True)[0] if self.resume_from else sft
-        self.model = copy.deepcopy(policy).to(device).requires_grad_(True)
+        self.model = policy.to(device).requires_grad_(True)
         if self.n_procs > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)

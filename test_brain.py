@@ -831,6 +831,9 @@ def bad_input_argv(case, root, tmp):
         argv[argv.index(flag) + 1] = str(value)
         return argv
 
+    def made(*files):  # the files a case sets up, then the command line as it is
+        return argv
+
     def prompts(text, raw=False):
         (tmp / "p.jsonl").write_bytes(text if raw else text.encode())
         return swap("--prompts", tmp / "p.jsonl")
@@ -859,7 +862,7 @@ def bad_input_argv(case, root, tmp):
         "save_every_negative": lambda: argv + ["--save-every", "-1"],
         "eval_samples_0": lambda: argv + ["--eval-samples", "0"],
         "max_new_tokens_0": lambda: swap("--max-new-tokens", "0"),
-        "json_is_the_prompts": lambda: prompts('{"prompt": "a"}\n') + ["--json", argv[5]],
+        "json_is_the_prompts": lambda: [*prompts('{"prompt": "a"}\n'), "--json", f"{tmp}/p.jsonl"],
         "prompts_folder": lambda: swap("--prompts", tmp / "results"),
         "prompts_dev_null": lambda: swap("--prompts", "/dev/null"),
         "prompts_missing": lambda: swap("--prompts", tmp / "nope.jsonl"),
@@ -874,9 +877,9 @@ def bad_input_argv(case, root, tmp):
         "model_folder_without_config": lambda: swap("--model", tmp / "results"),
         "reward_model_missing": lambda: swap("--reward-model", "/nonexistent/folder"),
         "output_dir_a_file": lambda: swap("--output-dir", tmp / "notes.txt"),
-        "output_dir_broken_link": lambda: os.symlink(tmp / "gone", out) or argv,
-        "output_dir_foreign": lambda: out.mkdir() or (out / "keep.txt").write_text("x") and argv,
-        "output_dir_foreign_latest": lambda: (out / "latest").mkdir(parents=True) or argv,
+        "output_dir_broken_link": lambda: made(os.symlink(tmp / "gone", out)),
+        "output_dir_foreign": lambda: made(out.mkdir(), (out / "keep.txt").write_text("x")),
+        "output_dir_foreign_latest": lambda: made((out / "latest").mkdir(parents=True)),
         "reward_labels": lambda: swap("--reward-model", root / "rm2"),
         "reward_label_unknown": lambda: [*swap("--reward-model", root / "rm2"), "--reward-label=x"],
         "reward_model_an_lm": lambda: swap("--reward-model", root / "gpt2"),
@@ -1626,7 +1629,12 @@ def test_posterior_is_the_reward_kl_frontier(world_and_sft):
     # Gibbs: the posterior maximises E_q[r] - beta KL(q || SFT) over all q; no q lies above it
     world, _, log_sft = world_and_sft
     g = torch.Generator().manual_seed(12)
-    points = brain.reward_kl_frontier(log_sft, world.reward_table, [0.5, 1.0, 2.0])
+    points = []
+    for beta in (0.5, 1.0, 2.0):
+        log_post = brain.posterior_table(log_sft, world.reward_table, beta)
+        points.append(
+            {"beta": beta, **brain.exact_metrics(log_post, log_sft, log_post, world.reward_table)}
+        )
     assert [p["reward"] for p in points] == sorted([p["reward"] for p in points], reverse=True)
     for p in points:
         best = p["reward"] - p["beta"] * p["kl_policy_sft"]
