@@ -39,6 +39,11 @@ def arg(default, help):  # a Config field with its command-line help
     return field(default=default, metadata={"help": help})
 
 
+def need(ok, message):  # a check on the settings: one clear line
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclass
 class Config:
     """Every hyperparameter, once: field n_samples is flag --n-samples (Part II: Args adds more)."""
@@ -67,11 +72,6 @@ class Config:
 
     def validate(self):
         """One clear message for the first bad option, before any work starts."""
-
-        def need(ok, message):
-            if not ok:
-                raise ValueError(message)
-
         methods = ", ".join(METHODS)
         need(self.method in METHODS, f"unknown method {self.method!r}; choose one of {methods}")
         need(0 < self.beta < math.inf, f"beta must be a finite number > 0, got {self.beta}")
@@ -717,8 +717,9 @@ import numpy as np
 
 
 def print_table(header, rows):
-    """The one way a table is printed: the first column to the left, the others to the right."""
-    rows = [[str(c) for c in row] for row in [header, *rows]]
+    """The one way a table is printed: the first column to the left, the others to the right (a
+    short row is blank at its end)."""
+    rows = [[str(c) for c in row] + [""] * (len(header) - len(row)) for row in [header, *rows]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         cells = [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
@@ -732,15 +733,12 @@ def print_run(results):
     took = f"n = {cfg['n_samples']}, {results['wall_s']:.1f} s on {results['device']}"
     print(f"\nExact metrics on the embedded world ({setting}, {took})")
     names = {"sft": "SFT prior", "policy": f"policy ({cfg['method']})", "posterior": "posterior"}
-    rows = [
-        [name] + [f"{results[k][m]:{'+' * (m == 'reward')}.3f}" for m in keys]
-        for k, name in names.items()
-    ]
+    rows = [[name] + [f"{results[k][m]:{'+' * (m == 'reward')}.3f}" for m in keys]
+            for k, name in names.items()]  # fmt: skip
     print_table(["", "E[r]", "KL(. || SFT)", "KL(posterior || .)"], rows)
     for key, title in (("sft", "\nSFT samples:"), ("policy", f"Policy samples ({cfg['method']}):")):
-        print(title)
-        for s in results["samples"][key]:
-            print(f"  {s['prompt']} | {s['text']:<24s} r = {s['r']:+.1f}")
+        print(title, *[f"  {s['prompt']} | {s['text']:<24s} r = {s['r']:+.1f}"
+                       for s in results["samples"][key]], sep="\n")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -771,8 +769,7 @@ def estimator_gradients(cfg, policy, proposal, sft, task, variants, batches, gen
         with autocast(generator.device):
             policy_logp = sequence_logprobs(policy, *seqs, task.eos_id).view(-1, cfg.n_samples)
         for v in variants:
-            method, labels, _ = VARIANTS[v]
-            loss = method_loss(method, policy_logp, *scores, cfg.beta, labels, coin)
+            loss = method_loss(VARIANTS[v][0], policy_logp, *scores, cfg.beta, VARIANTS[v][1], coin)
             g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             g = [torch.zeros_like(p) if x is None else x for x, p in zip(g, params, strict=True)]
             grads[v].append(torch.cat([x.reshape(-1) for x in g]))
@@ -788,8 +785,7 @@ def variance_stats(grads):
 
 def brain_gdcpp_gap(cfg, policy, sft, task, generator):
     """||g_BRAIn - g_GDC++|| / max(||g_BRAIn||, 1e-3) on one batch, on-policy (q' = a copy of the
-    policy) and off-policy (proposal = SFT). On-policy b_i = 1 and beta_hat_i = 1/n: the two
-    estimators coincide (up to float rounding); off-policy they do not."""
+    policy: b_i = 1 and beta_hat_i = 1/n, so the two coincide up to rounding) and off (q' = SFT)."""
     gap = {}
     for name, proposal in (("on_policy", frozen(policy)), ("off_policy_sft", sft)):
         g = estimator_gradients(cfg, policy, proposal, sft, task, ("brain", "gdcpp"), 1, generator)
@@ -800,9 +796,9 @@ def brain_gdcpp_gap(cfg, policy, sft, task, generator):
 
 def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_every=50,
             variance_batches=16, show=True):  # fmt: skip
-    """Train every variant on identical sample streams for `seeds` seeds; exact metrics along the
-    way (every curve_every steps) and the variances of its group's estimators (off-policy or
-    on-policy) at its own policies (every variance_every steps)."""
+    """Train every variant on identical sample streams for `seeds` seeds; exact metrics every
+    curve_every steps, and every variance_every steps the variances of its group's estimators
+    (off-policy or on-policy) at its own policy."""
     cfg.validate()
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or seeds < 1 or variance_batches < 2:
@@ -815,9 +811,9 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_eve
         sft = pretrain_sft(world, replace(cfg, seed=seed), device)
         log_sft = enumerate_logprobs(sft, world, device)
         log_post = posterior_table(log_sft, world.reward_table, cfg.beta)
-        for name, log_q in (("sft", log_sft), ("posterior", log_post)):
-            final = exact_metrics(log_q, log_sft, log_post, world.reward_table)
-            runs.append({"method": name, "seed": seed, "final": final})
+        exact = lambda log_q: exact_metrics(log_q, log_sft, log_post, world.reward_table)  # noqa: E731
+        runs += [{"method": "sft", "seed": seed, "final": exact(log_sft)},
+                 {"method": "posterior", "seed": seed, "final": exact(log_post)}]  # fmt: skip
         for v in variants:
             method, labels, K = VARIANTS[v]
             K = cfg.refresh_every if K is None else K
@@ -828,19 +824,18 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_eve
 
             def measure(step, policy, proposal):
                 t, last = time.time(), step == cfg.steps
-                if step % curve_every == 0 or step % variance_every == 0 or last:
-                    log_q = enumerate_logprobs(policy, world, device)
-                    m = exact_metrics(log_q, log_sft, log_post, world.reward_table)
-                    if step % curve_every == 0 or last:
-                        record["curve"].append({"step": step, **m})
-                if step % variance_every == 0 or last:
+                curve = step % curve_every == 0 or last
+                variance = step % variance_every == 0 or last
+                m = exact(enumerate_logprobs(policy, world, device)) if curve or variance else None
+                record["curve"] += [{"step": step, **m}] if curve else []
+                if variance:
                     g = estimator_gradients(
                         run_cfg, policy, proposal, sft, world, group, variance_batches, probe
                     )
-                    var = {u: variance_stats(gu) for u, gu in g.items()}
-                    gap = brain_gdcpp_gap(run_cfg, policy, sft, world, probe)
-                    point = {"kl_policy_sft": m["kl_policy_sft"], "brain_vs_gdcpp": gap}
-                    record["variance"].append({"step": step, **point, "estimators": var})
+                    point = {"step": step, "kl_policy_sft": m["kl_policy_sft"]}
+                    point["brain_vs_gdcpp"] = brain_gdcpp_gap(run_cfg, policy, sft, world, probe)
+                    point["estimators"] = {u: variance_stats(gu) for u, gu in g.items()}
+                    record["variance"].append(point)
                 record["hook_s"] += time.time() - t
 
             t0, policy = time.time(), copy.deepcopy(sft).requires_grad_(True)
@@ -867,12 +862,12 @@ def mean_std(xs):
 def print_comparison(result):
     """Per group (off-policy, on-policy): the final exact metrics, then variances at one policy."""
     cfg, runs, variants = result["config"], result["runs"], result["variants"]
+    K, keys = cfg["refresh_every"], ("kl_posterior_policy", "kl_policy_posterior", "kl_policy_sft")
 
-    def cell(name, key, spec=".3f", at=lambda r, key: r["final"][key]):
-        xs = [at(r, key) for r in runs if r["method"] == name]
+    def cell(name, key, spec=".3f"):  # mean +- std over seeds, of the final metric or the run's
+        xs = [r["final"][key] if key in r["final"] else r[key] for r in runs if r["method"] == name]
         return "{:{s}} +- {:{s}}".format(*mean_std(xs), s=spec)
 
-    K, metrics = cfg["refresh_every"], ("kl_posterior_policy", "kl_policy_posterior")
     for on in (False, True):
         group = [v for v in variants if (VARIANTS[v][2] == 1) == on]
         if not group:
@@ -881,25 +876,19 @@ def print_comparison(result):
         print(f"\n{'On' if on else 'Off'}-policy (proposal: {proposal}): {cfg['steps']} steps, "
               f"B = {cfg['prompts_per_step']}, n = {cfg['n_samples']}, lr = {cfg['lr']}, beta = "
               f"{cfg['beta']}; mean +- std over {result['seeds']} seed(s)")  # fmt: skip
-        rows = []
-        for name in ["sft", *group, "posterior"]:
-            row = [cell(name, k) for k in (*metrics, "kl_policy_sft", "reward")]
-            if name in group:
-                row += [
-                    cell(name, k, s, dict.get) for k, s in (("grad_var", ".3g"), ("wall_s", ".1f"))
-                ]
-            rows.append([name, *row] + [""] * (6 - len(row)))
+        rows = [[name, *[cell(name, k) for k in (*keys, "reward")]] for name in ["sft", *group]]
+        for row in rows[1:]:  # the trained ones
+            row += [cell(row[0], "grad_var", ".3g"), cell(row[0], "wall_s", ".1f")]
+        rows.append(["posterior", *[cell("posterior", k) for k in (*keys, "reward")]])
         head = ["method", "KL(post || .)", "KL(. || post)", "KL(. || SFT)", "E[r]", "grad var"]
         print_table([*head, "train s"], rows)
-        points = [r["variance"] for r in runs if r["method"] == group[0]]  # its policies
-        rows = []
-        for i, point in enumerate(points[0]):
-            at = [p[i] for p in points]
-            row = [point["step"], f"{mean_std([a['kl_policy_sft'] for a in at])[0]:.3f}"]
+        rows, points = [], [r["variance"] for r in runs if r["method"] == group[0]]  # its policies
+        for at in zip(*points, strict=True):  # one step, every seed
+            gap = [a["brain_vs_gdcpp"] for a in at]
+            row = [at[0]["step"], f"{np.mean([a['kl_policy_sft'] for a in at]):.3f}"]
             row += [f"{np.mean([a['estimators'][v]['trace_cov'] for a in at]):.3g}" for v in group]
-            row += [f"{max(a['brain_vs_gdcpp']['on_policy'] for a in at):.1e}"]
-            off = np.mean([a["brain_vs_gdcpp"]["off_policy_sft"] for a in at])
-            rows.append(row + [f"{off:.2f}"])
+            off = np.mean([g["off_policy_sft"] for g in gap])
+            rows.append([*row, f"{max(g['on_policy'] for g in gap):.1e}", f"{off:.2f}"])
         print(f"Estimator variance at the same frozen policies ({group[0]}'s; mean over seeds):")
         print_table(["step", "KL(. || SFT)", *group, "BRAIn-GDC++ gap, on", "off"], rows)
     print(f"grad var: trace of the covariance of a method's gradient, {result['variance_batches']} "
@@ -929,10 +918,8 @@ def load_prompts(path):
     """Rows {"prompt", "reference" (or None), "line"} from a JSON-lines file, or the built-in
     examples; a prompt that appears twice is kept once (it would land in both splits)."""
     if path is None:
-        return [
-            {"prompt": p, "reference": None, "line": k} for k, p in enumerate(BUILTIN_PROMPTS, 1)
-        ]
-    rows, seen, dropped = [], set(), 0
+        return [dict(prompt=p, reference=None, line=k) for k, p in enumerate(BUILTIN_PROMPTS, 1)]
+    rows, lines = {}, 0
     with open(path, "rb") as f:
         for k, raw in enumerate(f, 1):
             try:
@@ -949,15 +936,13 @@ def load_prompts(path):
                 raise ValueError(f"{path}: line {k}: not valid JSON ({first_line(e)})") from None
             except (KeyError, TypeError, AttributeError):
                 raise ValueError(f"{path}: line {k}: each line is {PROMPT_LINE}") from None
-            dropped += prompt in seen
-            if prompt not in seen:
-                seen.add(prompt)
-                rows.append({"prompt": prompt, "reference": ref, "line": k})
+            rows.setdefault(prompt, dict(prompt=prompt, reference=ref, line=k))
+            lines += 1
     if not rows:
         raise ValueError(f"{path}: no prompts in the file")
-    if dropped:
-        print(f"note: {path}: {dropped} duplicate prompt(s) dropped (each is kept once)")
-    return rows
+    if lines > len(rows):
+        print(f"note: {path}: {lines - len(rows)} duplicate prompt(s) dropped (each is kept once)")
+    return list(rows.values())
 
 
 def first_line(e):
@@ -969,11 +954,10 @@ def model_source(name, flag):
     """A folder's normalised path, or a Hub name; one clear line when it is neither."""
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise ValueError(f"{flag} {name!r}: a folder without config.json, not a Hugging Face model")
-    if os.path.isdir(name):
-        return os.path.abspath(name)
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ValueError(f"{flag} {name!r}: no such folder, and not a Hub name (owner/model)")
-    return name
+        if not os.path.isdir(name):
+            raise ValueError(f"{flag} {name!r}: no such folder, and not a Hub name (owner/model)")
+    return os.path.abspath(name) if os.path.isdir(name) else name
 
 
 def load_pretrained(model_class, name, what, trust_remote_code=False):
@@ -982,14 +966,17 @@ def load_pretrained(model_class, name, what, trust_remote_code=False):
     ones (a causal LM loaded as a classifier gets a random head), which must never pass silently."""
     from transformers import AutoConfig, AutoTokenizer
 
-    classifier = model_class.__name__.endswith("ForSequenceClassification")
+    classifier, remote = (
+        model_class.__name__.endswith("ForSequenceClassification"),
+        trust_remote_code,
+    )
     try:
-        archs = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).architectures
+        archs = AutoConfig.from_pretrained(name, trust_remote_code=remote).architectures
         if archs and all(a.endswith("ForSequenceClassification") != classifier for a in archs):
             raise ValueError(f"it is a {archs[0]}")
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
         model, info = model_class.from_pretrained(
-            name, trust_remote_code=trust_remote_code, dtype=torch.float32, output_loading_info=True
+            name, trust_remote_code=remote, dtype=torch.float32, output_loading_info=True
         )
         missing, vocab = info.get("missing_keys"), model.get_input_embeddings().num_embeddings
         if missing:
@@ -998,7 +985,7 @@ def load_pretrained(model_class, name, what, trust_remote_code=False):
             raise ValueError(f"its tokenizer has {len(tokenizer)} tokens, the model {vocab}")
     except Exception as e:  # transformers raises OSError, ValueError, KeyError...: one line
         raise ValueError(f"cannot load {what} from {name!r}: {first_line(e)}") from None
-    return model, tokenizer
+    return model.eval(), tokenizer
 
 
 def load_causal_lm(name, trust_remote_code=False, quiet=False):
@@ -1008,21 +995,17 @@ def load_causal_lm(name, trust_remote_code=False, quiet=False):
     model, tok = load_pretrained(AutoModelForCausalLM, name, "a causal LM", trust_remote_code)
     if tok.eos_token_id is None:
         raise ValueError(f"the tokenizer of {name!r} has no EOS token: completions could never end")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-        if not quiet:
-            print(f"note: the tokenizer of {name} has no pad token; its EOS token is the pad")
-    tok.padding_side = "left"
-    return model.eval(), tok
+    if tok.pad_token_id is None and not quiet:
+        print(f"note: the tokenizer of {name} has no pad token; its EOS token is the pad")
+    tok.pad_token, tok.padding_side = tok.pad_token or tok.eos_token, "left"
+    return model, tok
 
 
 def model_context(model):
-    """The longest sequence the model takes, when its config says."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model.config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """The longest sequence the model takes, when its config says (else None)."""
+    keys = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+    sizes = [getattr(model.config, k, None) for k in keys]
+    return next((n for n in sizes if isinstance(n, int) and n > 0), None)
 
 
 class RewardModel:
@@ -1040,16 +1023,15 @@ class RewardModel:
         if label not in index and (label is not None or len(labels) > 1):
             say = "choose" if label is None else f"--reward-label {label!r} is not one of them;"
             raise ValueError(f"{name!r} has labels {', '.join(labels)}: {say} --reward-label")
-        self.index = index.get(label, 0)
-        if tok.pad_token_id is None and (tok.eos_token or tok.unk_token) is None:
-            raise ValueError(f"the reward model's tokenizer ({name!r}) has no token to pad with")
         tok.pad_token = tok.pad_token or tok.eos_token or tok.unk_token
+        if tok.pad_token is None:
+            raise ValueError(f"the reward model's tokenizer ({name!r}) has no token to pad with")
         tok.truncation_side = "left"  # too long: cut the prompt's start, never the completion
         limits = [n for n in (tok.model_max_length, model_context(model)) if n and n < 10**6]
-        self.max_length = min(limits) if limits else None  # transformers' "no limit" is huge
+        self.max_length = min(limits, default=None)  # transformers' "no limit" is huge
         model.config.pad_token_id = tok.pad_token_id  # models that read the last non-pad token
-        self.model, self.tokenizer = model.eval().requires_grad_(False).to(device), tok
-        self.device = torch.device(device)
+        self.model, self.tokenizer = model.requires_grad_(False).to(device), tok
+        self.index, self.device = index.get(label, 0), torch.device(device)
 
     @torch.no_grad()
     def score(self, texts):
@@ -1075,9 +1057,8 @@ class TextTask:
         ids = torch.where(mask.bool(), ids, self.pad_id)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def reward(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        texts = self.texts(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        return self.rm.score(texts).to(prompt_ids.device)
+    def reward(self, *seqs):  # x, x_mask, y, y_mask
+        return self.rm.score(self.texts(*seqs)).to(seqs[0].device)
 
     def reference_texts(self, rows):
         """prompt + reference, through the same tokenizer and decoding as the samples."""
@@ -1122,11 +1103,10 @@ class RunFolder:
     eval.json and RUN_FILE. Opening it checks and locks it (rank 0); nothing is loaded yet."""
 
     def __init__(self, path, settings, resume, write=True):
-        self.path, record = path, os.path.join(path, RUN_FILE)
-        self.record = {"settings": settings, "checkpoint": None, "saving": None, "stale": None}
+        self.path, self.record = path, {"settings": settings, "checkpoint": None, "saving": None}
         if os.path.lexists(path) and not os.path.isdir(path):
             raise ValueError(f"--output-dir {path}: exists and is not a folder (or a broken link)")
-        if resume and not os.path.isfile(record):
+        if resume and not os.path.isfile(self.own(RUN_FILE)):
             raise ValueError(f"--resume: {path} holds no run of brain.py")
         if write:  # rank 0; the other processes of a torchrun only read, after it
             os.makedirs(path, exist_ok=True)
@@ -1142,23 +1122,23 @@ class RunFolder:
         if not entries:  # a fresh run: RUN_FILE is written before the run's first file
             return
         try:
-            with open(record) as f:
+            with open(self.own(RUN_FILE)) as f:
                 self.record = json.load(f)
             saved, done = self.record["settings"], self.record["checkpoint"] or "no checkpoint"
+            self.record["saving"]  # noqa: B018 (all three keys, or it is damaged)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{record} is damaged ({first_line(e)}): use a new folder") from None
+            raise ValueError(f"{self.own(RUN_FILE)} is damaged ({first_line(e)})") from None
         if not resume:
             raise ValueError(f"{path} holds a run of brain.py ({done}): pass --resume to go on, or "
                              "choose another --output-dir")  # fmt: skip
-        changed = [
-            f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v
-        ]
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
+                   if saved.get(k) != v]  # fmt: skip
         if changed:
             raise ValueError(f"--resume with other settings than the run's: {', '.join(changed)}")
         if write:
             self.finish_save()
-        strays = [e for e in os.listdir(path) if e.startswith("checkpoint-")]
-        strays = [e for e in strays if e != self.record["checkpoint"]]
+        mine = self.record["checkpoint"]
+        strays = [e for e in os.listdir(path) if e.startswith("checkpoint-") and e != mine]
         if strays:
             raise ValueError(f"{self.own(strays[0])}: not this run's checkpoint; move it away")
 
@@ -1173,16 +1153,18 @@ class RunFolder:
         write_atomic(self.own(RUN_FILE), lambda f: json.dump(self.record, f, indent=1))
 
     def finish_save(self):
-        """A save that a crash cut short: adopt its checkpoint if it was renamed; drop the rest."""
-        saving, stale = self.record["saving"] or {}, self.record["stale"]
-        if os.path.isfile(os.path.join(self.own(saving.get("final", "")), TRAINER_STATE)):
-            stale, self.record["checkpoint"] = self.record["checkpoint"], saving["final"]
-        for name in saving.get("tmp"), stale:
-            if name and os.path.isdir(self.own(name)):
-                shutil.rmtree(self.own(name))
-        if saving or stale:
-            self.record.update(saving=None, stale=None)
-            self.save_record()
+        """The save in progress, or one a crash cut short: once renamed into place its checkpoint
+        replaces the one before, which is removed; if not, its temporary folder is removed."""
+        saving = self.record["saving"]
+        if not saving:
+            return
+        drop = saving["tmp"]
+        if os.path.isfile(os.path.join(self.own(saving["final"]), TRAINER_STATE)):  # renamed
+            drop, self.record["checkpoint"] = self.record["checkpoint"], saving["final"]
+        if drop and os.path.isdir(self.own(drop)):
+            shutil.rmtree(self.own(drop))
+        self.record["saving"] = None
+        self.save_record()
 
     def state(self, steps, device):
         """The checkpoint's trainer state (plain data for train()) and folder, or (None, None)."""
@@ -1368,29 +1350,27 @@ class ModelRun:
     that needs no model is checked when it is made (Args.validate, then here), before any load."""
 
     def __init__(self, cfg):
-        keys = ("method", "prompts_per_step", "n_samples", "beta", "lr", "refresh_every", "seed")
-        self.keys = {k: getattr(cfg, k) for k in (*keys, "dpo_labels", "reward_label")}
-        self.keys["model"] = model_source(cfg.model, "--model")
-        self.keys["reward_model"] = model_source(cfg.reward_model, "--reward-model")
+        self.keys = {  # the settings a --resume must repeat
+            "model": model_source(cfg.model, "--model"),
+            "reward_model": model_source(cfg.reward_model, "--reward-model"),
+            **{k: getattr(cfg, k) for k in ("reward_label", "method", "dpo_labels", "beta", "lr")},
+            **{k: getattr(cfg, k) for k in ("prompts_per_step", "n_samples", "refresh_every")},
+            "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
+            "prompts": cfg.prompts and os.path.abspath(cfg.prompts),
+        }  # fmt: skip
         self.rows = load_prompts(cfg.prompts)
         digest = hashlib.sha256(json.dumps([r["prompt"] for r in self.rows]).encode()).hexdigest()
-        prompts = cfg.prompts and os.path.abspath(cfg.prompts)
-        self.keys.update(
-            prompts=prompts, prompts_sha256=digest[:16], max_new_tokens=cfg.max_new_tokens
-        )
+        self.keys["prompts_sha256"] = digest[:16]
         self.device, self.rank, self.n_procs = setup_distributed(cfg)
         if cfg.prompts_per_step % self.n_procs:
             raise ValueError(f"prompts_per_step must be a multiple of the {self.n_procs} processes")
         self.cfg, self.folder, self.state, self.resume_from = cfg, None, None, None
         if cfg.output_dir:  # rank 0 opens (and locks) the folder; the others read it after
-            self.folder = (
-                RunFolder(cfg.output_dir, self.keys, cfg.resume) if self.rank == 0 else None
-            )
+            folder = lambda write: RunFolder(cfg.output_dir, self.keys, cfg.resume, write)  # noqa: E731
+            self.folder = folder(True) if self.rank == 0 else None
             if self.n_procs > 1:
                 dist.barrier()
-            self.folder = self.folder or RunFolder(
-                cfg.output_dir, self.keys, cfg.resume, write=False
-            )
+            self.folder = self.folder or folder(False)
             self.state, self.resume_from = self.folder.state(cfg.steps, self.device)
 
     def load(self):
@@ -1405,9 +1385,7 @@ class ModelRun:
         rm = RewardModel(self.keys["reward_model"], cfg.reward_label, cfg.trust_remote_code, device)
         sft, tok = load_causal_lm(self.keys["model"], cfg.trust_remote_code, quiet=self.rank > 0)
         held = max(1, len(rows) // 5)  # the last fifth of the prompts is held out for evaluation
-        self.train_rows, self.eval_rows = (
-            (rows[:-held], rows[-held:]) if len(rows) > 1 else (rows, rows)
-        )
+        self.train_rows, self.eval_rows = (rows[:-held], rows[-held:]) if rows[1:] else (rows, rows)
         source = cfg.prompts or "built-in prompts"
         check_prompt_lengths(rows, tok, cfg.max_new_tokens, model_context(sft), source)
         eos = getattr(sft.generation_config, "eos_token_id", None)  # Llama-3 has two
@@ -1416,8 +1394,8 @@ class ModelRun:
         if not cfg.micro_batch and device.type == "cpu":  # (ours) at most ~2^27 logits a pass
             length = self.task.prompt_ids.shape[1] + cfg.max_new_tokens
             fits = max(1, 2**27 // (length * len(tok) * cfg.n_samples)) * cfg.n_samples
-            all_at_once = fits >= cfg.prompts_per_step * cfg.n_samples
-            self.cfg = replace(cfg, micro_batch=0 if all_at_once else fits)
+            fits = 0 if fits >= cfg.prompts_per_step * cfg.n_samples else fits  # 0: all at once
+            self.cfg = replace(cfg, micro_batch=fits)
         self.sft, self.tokenizer = frozen(sft.to(device)), tok  # frozen() copies: sft is free
         policy = load_causal_lm(self.resume_from, quiet=True)[0] if self.resume_from else sft
         self.model = policy.to(device).requires_grad_(True)
@@ -1445,8 +1423,11 @@ class ModelRun:
                 if self.last_eval:
                     held_out = {k: v for k, v in self.last_eval.items() if k != "examples"}
                     folder.log({"step": step, "held_out": held_out})
-                due = cfg.save_every and step % cfg.save_every == 0
-                if due or step == cfg.steps or stats["stop"]:
+                if (
+                    (cfg.save_every and step % cfg.save_every == 0)
+                    or step == cfg.steps
+                    or stats["stop"]
+                ):
                     models = loop["policy"], loop["proposal"], self.sft, self.tokenizer
                     folder.save_checkpoint(step, *models, loop["opt"], loop["stream"])
         if stats["stop"] and step < cfg.steps:  # every rank agrees (step_diagnostics)
@@ -1474,9 +1455,10 @@ class ModelRun:
             try:
                 policy = train(cfg, self.sft, self.task, self.model, self.state, self.after_step)
             except Interrupted as stopped:
-                where = f"; checkpoint saved in {cfg.output_dir}, go on with --resume"
-                where = where if self.folder else ""
-                raise Interrupted(f"interrupted after step {stopped}{where}") from None
+                saved = f"; checkpoint saved in {cfg.output_dir}, go on with --resume"
+                raise Interrupted(
+                    f"interrupted after step {stopped}{saved * bool(self.folder)}"
+                ) from None
             if self.rank == 0:  # the held-out evaluation (done when --eval-every reached the end)
                 results = self.last_eval or self.evaluate(policy)
                 results.update(config=asdict(cfg), train_s=round(time.time() - self.t0, 2))
@@ -1510,19 +1492,33 @@ def timed(fn, device):
     return time.perf_counter() - t
 
 
-def bench_model(name, model, prompt_ids, B, n, T, device, reward_fn, steps=20, warmup=3):
-    """One row of the benchmark for `model` (a Hugging Face causal LM), B prompts x n samples:
-    1. an optimizer step on a fixed batch, BRAIn (scores precomputed) against cross-entropy;
-    2. our sampler against generate(), same shape and settings; 3. where a training step's time
-    goes (proposal = the policy, so that the SFT model is scored too)."""
+def bench_model(name, model, prompt_ids, B, n, T, device, steps=20, warmup=3):
+    """One row for `model` (a Hugging Face causal LM), B prompts x n samples of T tokens: 1. an
+    optimizer step on a fixed batch, BRAIn (scores given) against cross-entropy on the same
+    tokens; 2. our sampler against generate(), same shape and settings. Medians."""
     model, g = model.to(device).eval(), torch.Generator(device).manual_seed(0)
-    opt, sft = torch.optim.Adam(model.parameters(), lr=1e-5), frozen(model)
     x = prompt_ids.to(device).repeat_interleave(n, 0)
-    xm, lp = torch.ones_like(x), lambda m, s: sequence_logprobs(m, *s, -1).view(B, n)
+    xm, opt = torch.ones_like(x), torch.optim.Adam(model.parameters(), lr=1e-5)
+    sample = lambda: sample_completions(  # noqa: E731 (T tokens each: no EOS, -1)
+        model, x, xm, T, -1, uniforms=torch.rand(B * n, T, device=device, generator=g)
+    )
+    settings = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=T)
+    settings.update(max_new_tokens=T, pad_token_id=0)
+    generate = lambda: model.generate(input_ids=x, attention_mask=xm, **settings)  # noqa: E731
+    with torch.no_grad(), autocast(device):
+        y, _, proposal_logp = sample()
+    seqs, proposal_logp = join(x, xm, y, torch.ones_like(y)), proposal_logp.view(B, n)
+    target_logp = proposal_logp + torch.randn(B, n, device=device, generator=g)
+    targets = torch.where(seqs[2][:, 1:].bool(), seqs[0][:, 1:], -100).reshape(-1)
 
-    def draw():  # T tokens each: no EOS (-1)
-        u = torch.rand(B * n, T, device=device, generator=g)
-        return sample_completions(model, x, xm, T, -1, uniforms=u)
+    def brain():
+        return brain_loss(
+            sequence_logprobs(model, *seqs, -1).view(B, n), proposal_logp, target_logp
+        )
+
+    def ce():
+        logits = model(input_ids=seqs[0], attention_mask=seqs[1]).logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
 
     def update(loss_of):
         opt.zero_grad(set_to_none=True)
@@ -1531,50 +1527,19 @@ def bench_model(name, model, prompt_ids, B, n, T, device, reward_fn, steps=20, w
         loss.backward()
         opt.step()
 
-    with torch.no_grad(), autocast(device):
-        y, _, proposal_logp = draw()
-    seqs, proposal_logp = join(x, xm, y, torch.ones_like(y)), proposal_logp.view(B, n)
-    target_logp = proposal_logp + torch.randn(B, n, device=device, generator=g)
-    targets = torch.where(seqs[2][:, 1:].bool(), seqs[0][:, 1:], -100)
-
-    def ce():
-        logits = model(input_ids=seqs[0], attention_mask=seqs[1]).logits[:, :-1].float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-    def generate():
-        settings = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=T)
-        settings["pad_token_id"] = 0
-        model.generate(input_ids=x, attention_mask=xm, max_new_tokens=T, **settings)
-
-    def step_phases():  # 3.
+    times = {k: [] for k in ("brain", "ce", "ours", "generate")}
+    for i in progress(range(warmup + steps), f"bench {name}"):  # in turns: drift hits both
+        for key, fn in (("brain", brain), ("ce", ce))[:: 1 if i % 2 else -1]:
+            times[key] += [timed(lambda: update(fn), device)] if i >= warmup else []
         with torch.no_grad(), autocast(device):
-            t_sample = timed(lambda: out.update(s=draw()), device)
-            y, ym, q = out["s"]
-            s = join(x, xm, y, ym)
-            t_score = timed(lambda: out.update(p=lp(sft, s), r=reward_fn(x, xm, y, ym)), device)
-        scores = q.view(B, n), out["p"], out["r"].view(B, n)
-        loss = lambda: method_loss("brain", lp(model, s), *scores, 1.0, "argmax")  # noqa: E731
-        return t_sample, t_score, timed(lambda: update(loss), device)
-
-    times, out = {k: [] for k in ("brain", "ce", "ours", "generate", "phases")}, {}
-    brain = lambda: update(lambda: brain_loss(lp(model, seqs), proposal_logp, target_logp))  # noqa: E731
-    for i in progress(range(warmup + steps), f"bench {name}"):  # 1. in turns: drift hits both
-        for key, fn in (("brain", brain), ("ce", lambda: update(ce)))[:: 1 if i % 2 else -1]:
-            times[key] += [timed(fn, device)] if i >= warmup else []
-    for i in range(2 + 5):  # 2. and 3., after 2 warm-up rounds
-        with torch.no_grad(), autocast(device):
-            pair = {key: timed(fn, device) for key, fn in (("ours", draw), ("generate", generate))}
-        phases = step_phases()
-        for key, t in (*pair.items(), ("phases", phases)):
-            times[key] += [t] if i >= 2 else []
-    med = {k: np.median(v, axis=0) for k, v in times.items()}
-    params, total = sum(p.numel() for p in model.parameters()) / 1e6, med["phases"].sum()
-    share = dict(zip(("sampling", "scoring", "update"), med["phases"] / total, strict=True))
-    row = dict(model=name, params_m=round(params, 2), B=B, n=n, prompt_tokens=x.shape[1])
-    row.update(new_tokens=T, brain_step_s=med["brain"], ce_step_s=med["ce"], train_step_s=total)
-    row.update(step_ratio=med["brain"] / med["ce"], sampler_ratio=med["generate"] / med["ours"])
-    row.update(sampler_tok_s=B * n * T / med["ours"], generate_tok_s=B * n * T / med["generate"])
-    return row | {"share": share}  # numpy's float64 is a float: JSON takes it
+            for key, fn in (("ours", sample), ("generate", generate)):
+                times[key] += [timed(fn, device)] if i >= warmup else []
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    tokens, params = B * n * T, round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    return dict(model=name, params_m=params, B=B, n=n, prompt_tokens=x.shape[1], new_tokens=T,
+                brain_step_s=med["brain"], ce_step_s=med["ce"], step_ratio=med["brain"] / med["ce"],
+                sampler_tok_s=tokens / med["ours"], generate_tok_s=tokens / med["generate"],
+                sampler_ratio=med["generate"] / med["ours"])  # fmt: skip
 
 
 def bench(cfg, show=True):
@@ -1583,19 +1548,16 @@ def bench(cfg, show=True):
 
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    world = ToyWorld(device)
-    toy_reward = lambda x, xm, y, ym: world.reward(x, xm, y.clamp(max=10), ym)  # noqa: E731
-    toy = world.new_model().gpt, world.prompt_ids[torch.arange(16) % 8], 16, 8, MAX_NEW_TOKENS
-    rows = [bench_model("embedded GPT-2 (toy)", *toy, device, toy_reward)]
+    toy = ToyWorld(device)
+    rows = [bench_model("embedded GPT-2 (toy)", toy.new_model().gpt, toy.prompt_ids.repeat(2, 1),
+                        16, 8, MAX_NEW_TOKENS, device)]  # fmt: skip
     # GPT-2 small on a CPU takes seconds a step: a smaller batch there (the ratios are what count)
     B, n, P, T = (16, 8, 16, 64) if device.type == "cuda" else (2, 2, 8, 16)
     gpt2 = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 layers, 768 wide, 124M, random weights
-    token_score = torch.randn(gpt2.config.vocab_size, device=device)  # a synthetic reward
-    prompts, reward = torch.randint(0, 50257, (B, P)), lambda x, xm, y, ym: token_score[y].mean(-1)
-    rows.append(bench_model("GPT-2-small-sized", gpt2, prompts, B, n, T, device, reward))
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    prompts = torch.randint(0, gpt2.config.vocab_size, (B, P))
+    rows.append(bench_model("GPT-2-small-sized", gpt2, prompts, B, n, T, device))
     result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads())
-    result.update(rows=rows, peak_rss_mb=peak_rss_mb)
+    result.update(rows=rows, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if show:
@@ -1608,19 +1570,16 @@ def print_bench(result):
     print(f"\nBenchmark on {where}")
     rows = []
     for r in result["rows"]:
-        shares = " / ".join(f"{v:.0%}" for v in r["share"].values())
         size = [r["model"], f"{r['params_m']:.1f}M", f"{r['B']} x {r['n']}"]
         step = [f"{r['brain_step_s'] * 1e3:.1f}ms", f"{r['ce_step_s'] * 1e3:.1f}ms"]
         sampler = [f"{r['sampler_tok_s']:.0f}", f"{r['generate_tok_s']:.0f}"]
-        tokens, ratios = f"{r['prompt_tokens']}+{r['new_tokens']}", f"{r['sampler_ratio']:.3f}"
-        phases = f"{shares} of {r['train_step_s'] * 1e3:.0f} ms"
-        rows.append([*size, tokens, *step, f"{r['step_ratio']:.3f}", *sampler, ratios, phases])
+        size += [f"{r['prompt_tokens']}+{r['new_tokens']}"]
+        rows.append([*size, *step, f"{r['step_ratio']:.3f}", *sampler, f"{r['sampler_ratio']:.3f}"])
     header = ["model", "params", "B x n", "tokens", "BRAIn step", "CE step", "ratio"]
-    print_table([*header, "sampler tok/s", "generate", "ratio", "step: sample/score/update"], rows)
+    print_table([*header, "sampler tok/s", "generate", "ratio"], rows)
     gpu = f", {result['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in result else ""
     print(f"medians; peak resident set size (RSS): {result['peak_rss_mb']:.0f} MB{gpu}")
-    print("ratio (step): BRAIn step / plain cross-entropy step on the same tokens")
-    print("ratio (sampler): our sampler's tokens/s / generate()'s")
+    print("ratio: BRAIn step / cross-entropy step on the same tokens; sampler: ours / generate()")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1661,27 +1620,20 @@ class Args(Config):
         """Config's checks, then the options': everything that needs no model, before any work."""
         super().validate()
         plain = Args(model=self.model, method=self.method)  # the defaults, to see what was given
-
-        def need(ok, message):
-            if not ok:
-                raise ValueError(message)
-
-        def given(*names):
-            changed = [k for k in names if getattr(self, k) != getattr(plain, k)]
-            return ["--" + k.replace("_", "-") for k in changed]
-
+        given = lambda *keys: [flag(k) for k in keys if getattr(self, k) != getattr(plain, k)]  # noqa: E731
         for name in ("model", "reward_model", "prompts", "output_dir", "json"):
-            flag = "--" + name.replace("_", "-")
-            need(getattr(self, name) is None or getattr(self, name).strip(), f"{flag} is empty")
+            need(
+                getattr(self, name) is None or getattr(self, name).strip(), f"{flag(name)} is empty"
+            )
         model_only = given("reward_model", "reward_label", "prompts", "output_dir", "resume",
                            "save_every", "eval_every", "eval_samples", "max_new_tokens",
                            "trust_remote_code")  # fmt: skip
         need(self.model or not model_only, f"{', '.join(model_only)}: only with --model")
         need(not self.model or self.reward_model, "--model needs --reward-model (a classifier)")
         need(not self.resume or self.output_dir, "--resume needs --output-dir (the run's folder)")
-        for name, low in dict(max_new_tokens=1, eval_samples=1, save_every=0, eval_every=0).items():
+        least = dict(max_new_tokens=1, eval_samples=1, save_every=0, eval_every=0, seeds=1)
+        for name, low in least.items():
             need(getattr(self, name) >= low, f"{name} must be >= {low}, got {getattr(self, name)}")
-        need(self.seeds >= 1, f"seeds must be >= 1, got {self.seeds}")
         need(not (self.compare and self.model), "--compare runs on the embedded world, not --model")
         clash = given("compare", "model", "n_samples", "steps", "prompts_per_step")
         need(not self.bench or not clash, f"--bench builds its own models: drop {', '.join(clash)}")
@@ -1692,22 +1644,25 @@ class Args(Config):
         need(self.model or not torchrun, "several processes (torchrun) are for --model runs")
         if self.prompts and not os.path.isfile(self.prompts):
             there = os.path.exists(self.prompts)
-            what = (
-                "a folder" if os.path.isdir(self.prompts) else "no such file" if not there else ""
-            )
-            raise ValueError(f"--prompts {self.prompts}: {what or 'not a regular file'}")
+            what = "a folder" if os.path.isdir(self.prompts) else "not a regular file"
+            raise ValueError(f"--prompts {self.prompts}: {what if there else 'no such file'}")
         if self.json:  # a file in a folder that exists, and none of the run's inputs
             path, parent = os.path.abspath(self.json), os.path.dirname(os.path.abspath(self.json))
             need(not os.path.isdir(path), f"--json {self.json}: a folder")
             need(os.access(parent, os.W_OK), f"--json {self.json}: cannot write in {parent}")
-            inputs = (self.prompts, self.model, self.reward_model)
-            inputs = [os.path.abspath(p) for p in inputs if p]
+            inputs = [
+                os.path.abspath(p) for p in (self.prompts, self.model, self.reward_model) if p
+            ]
             inside = any(path == p or path.startswith(p + os.sep) for p in inputs)
             need(not inside, f"--json {self.json}: an input of the run (or inside one)")
         return self
 
     def variants(self):
         return list(VARIANTS) if self.methods is None else self.methods.replace(" ", "").split(",")
+
+
+def flag(name):  # a field's command-line flag
+    return "--" + name.replace("_", "-")
 
 
 EXAMPLES = """examples:
@@ -1734,15 +1689,17 @@ def parse_args(argv=None):
     group = p
     for f in fields(Args):
         group = p.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        help = f.metadata["help"]
         if f.type is bool:
-            group.add_argument(flag, action="store_true", help=help)
+            group.add_argument(flag(f.name), action="store_true", help=help)
             continue
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
         plain, with_model = getattr(Args(), f.name), getattr(Args(model="m"), f.name)
         other = f"; {with_model} with --model" if with_model != plain else ""
         help += f" (default: {plain}{other})" if plain is not None else ""
-        group.add_argument(flag, type=kind, default=f.default, help=help, metavar=f.name.upper())
+        group.add_argument(
+            flag(f.name), type=kind, default=f.default, help=help, metavar=f.name.upper()
+        )
     args = Args(**vars(p.parse_args(argv)))
     try:
         return args.validate()

@@ -1507,7 +1507,6 @@ def test_bench_row_measures_both_sides(tiny_gpt2):
         2,
         4,
         torch.device("cpu"),
-        lambda x, xm, y, ym: y.float().mean(-1),
         steps=2,
         warmup=1,
     )
@@ -1517,7 +1516,6 @@ def test_bench_row_measures_both_sides(tiny_gpt2):
         and row["sampler_tok_s"] > 0
         and row["generate_tok_s"] > 0
     )
-    assert sum(row["share"].values()) == pytest.approx(1.0)
     assert row["step_ratio"] == pytest.approx(row["brain_step_s"] / row["ce_step_s"])
 
 
