@@ -697,8 +697,8 @@ def run(cfg):
 
 
 # ================================================================================================
-# Part II: tools around the method — you can stop reading here
-#    --compare, real models (--model: run folder, resume, torchrun), --bench, the command line
+# Part II: tools around the method — --compare, real models (--model: run folder, resume,
+#    torchrun), --bench and the command line. You can stop reading here.
 # ================================================================================================
 import argparse  # Part II's own imports: Part I reads without them
 import contextlib
@@ -710,7 +710,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import typing
 from dataclasses import fields, replace
 
 import numpy as np
@@ -742,12 +741,12 @@ def print_run(results):
 
 
 # ------------------------------------------------------------------------------------------------
-# Comparing the estimators on equal footing (python brain.py --compare; our protocol)
-#    Every method trains from the same SFT prior on the same sample stream: same seed, prompts,
-#    steps, optimizer, lr and beta. Off-policy (q' = SFT): BRAIn, GDC++, DPG, DPO; on-policy
-#    (q' = the policy): BRAIn against RLOO, RL on the same objective. At fixed steps a policy is
-#    frozen, fresh batches are drawn from its proposal, and every estimator of its group is computed
-#    on those same batches: the trace of the covariance of the gradients is its variance.
+# Comparing the estimators on equal footing (python brain.py --compare; our protocol). Every method
+#    trains from the same SFT prior on the same sample stream (seed, prompts, steps, optimizer, lr,
+#    beta). Off-policy (q' = SFT): BRAIn, GDC++, DPG, DPO; on-policy (q' = the policy): BRAIn
+#    against RLOO, RL on the same objective. At fixed steps a policy is frozen and every estimator
+#    of its group is computed on the same fresh batches: the trace of their covariance is its
+#    variance.
 # ------------------------------------------------------------------------------------------------
 VARIANTS = {  # name -> (method, DPO labels, proposal: None = cfg.refresh_every, 1 = the policy)
     "brain": ("brain", "argmax", None),
@@ -824,18 +823,20 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_eve
 
             def measure(step, policy, proposal):
                 t, last = time.time(), step == cfg.steps
-                curve = step % curve_every == 0 or last
-                variance = step % variance_every == 0 or last
+                curve, variance = (
+                    step % curve_every == 0 or last,
+                    step % variance_every == 0 or last,
+                )
                 m = exact(enumerate_logprobs(policy, world, device)) if curve or variance else None
                 record["curve"] += [{"step": step, **m}] if curve else []
                 if variance:
                     g = estimator_gradients(
                         run_cfg, policy, proposal, sft, world, group, variance_batches, probe
                     )
-                    point = {"step": step, "kl_policy_sft": m["kl_policy_sft"]}
-                    point["brain_vs_gdcpp"] = brain_gdcpp_gap(run_cfg, policy, sft, world, probe)
-                    point["estimators"] = {u: variance_stats(gu) for u, gu in g.items()}
-                    record["variance"].append(point)
+                    gap = brain_gdcpp_gap(run_cfg, policy, sft, world, probe)
+                    var = {u: variance_stats(gu) for u, gu in g.items()}
+                    point = {"kl_policy_sft": m["kl_policy_sft"], "brain_vs_gdcpp": gap}
+                    record["variance"].append({"step": step, **point, "estimators": var})
                 record["hook_s"] += time.time() - t
 
             t0, policy = time.time(), copy.deepcopy(sft).requires_grad_(True)
@@ -853,20 +854,14 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_eve
     return result
 
 
-def mean_std(xs):
-    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
-    xs = np.asarray(xs, dtype=np.float64)
-    return xs.mean(), (xs.std(ddof=1) if len(xs) > 1 else 0.0)
-
-
 def print_comparison(result):
     """Per group (off-policy, on-policy): the final exact metrics, then variances at one policy."""
     cfg, runs, variants = result["config"], result["runs"], result["variants"]
     K, keys = cfg["refresh_every"], ("kl_posterior_policy", "kl_policy_posterior", "kl_policy_sft")
 
-    def cell(name, key, spec=".3f"):  # mean +- std over seeds, of the final metric or the run's
-        xs = [r["final"][key] if key in r["final"] else r[key] for r in runs if r["method"] == name]
-        return "{:{s}} +- {:{s}}".format(*mean_std(xs), s=spec)
+    def cell(name, key, spec=".3f"):  # mean +- sample std (ddof = 1) over seeds
+        xs = np.array([r["final"].get(key, r.get(key)) for r in runs if r["method"] == name])
+        return f"{xs.mean():{spec}} +- {xs.std(ddof=1) if len(xs) > 1 else 0.0:{spec}}"
 
     for on in (False, True):
         group = [v for v in variants if (VARIANTS[v][2] == 1) == on]
@@ -898,8 +893,8 @@ def print_comparison(result):
 
 
 # ------------------------------------------------------------------------------------------------
-# Real models (--model): any Hugging Face causal LM as the prior, a sequence-classification reward
-#    model, prompts from a JSON-lines file. The same train() and losses as Part I.
+# Real models (--model): any Hugging Face causal LM as the prior, one logit of a sequence classifier
+#    as the reward, prompts from a JSON-lines file; the same train() and losses as Part I.
 # ------------------------------------------------------------------------------------------------
 BUILTIN_PROMPTS = [
     "Summarize: The city council approved a new park on the east side after months of debate.",
@@ -1065,15 +1060,6 @@ class TextTask:
         tok, plain = self.tokenizer, dict(add_special_tokens=False)
         ids = [tok(r["prompt"]).input_ids + tok(r["reference"], **plain).input_ids for r in rows]
         return tok.batch_decode(ids, skip_special_tokens=True)
-
-
-def check_prompt_lengths(rows, tokenizer, max_new_tokens, context, source):
-    """Every prompt is some tokens, and fits the model's context with max_new_tokens more."""
-    for row, ids in zip(rows, tokenizer([r["prompt"] for r in rows])["input_ids"], strict=True):
-        if len(ids) == 0 or (context and len(ids) + max_new_tokens > context):
-            where = f"{source}: line {row['line']}: the prompt is {len(ids)} tokens"
-            raise ValueError(f"{where}; with --max-new-tokens {max_new_tokens} it must fit the "
-                             f"model's context of {context}")  # fmt: skip
 
 
 # The run folder (ours). A run owns its --output-dir: absent, empty, or marked as a run's by
@@ -1257,46 +1243,6 @@ def stop_after_step():
             signal.signal(s, h)
 
 
-@torch.no_grad()
-def evaluate_text(policy, sft, task, rows, cfg, device):
-    """Held-out prompts, cfg.eval_samples completions each from the policy and from the SFT model:
-    mean rewards, win rates judged by the reward model (ties count half), and a Monte Carlo (MC)
-    estimate of KL(policy || SFT) = E_policy[log q(y|x) - log p(y|x)] with its standard error."""
-    k, T = cfg.eval_samples, task.max_new_tokens
-    gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    enc = task.tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True).to(device)
-    x, xm = enc["input_ids"].repeat_interleave(k, 0), enc["attention_mask"].repeat_interleave(k, 0)
-    with autocast(device):
-        u = torch.rand(len(x), T, device=device, generator=gen)
-        y, ym, policy_logp = sample_completions(policy, x, xm, T, task.eos_id, task.pad_id, u)
-        u = torch.rand(len(x), T, device=device, generator=gen)
-        y0, ym0, _ = sample_completions(sft, x, xm, T, task.eos_id, task.pad_id, u)
-        sft_logp = sequence_logprobs(sft, *join(x, xm, y, ym), task.eos_id)
-        if device.type == "cuda":  # under bf16 the sampler's cached pass differs a little
-            policy_logp = sequence_logprobs(policy, *join(x, xm, y, ym), task.eos_id)
-    r_policy, r_sft = task.reward(x, xm, y, ym), task.reward(x, xm, y0, ym0)
-    wins = lambda a, b: ((a > b).float() + 0.5 * (a == b).float()).mean().item()  # noqa: E731
-    log_ratio = (policy_logp - sft_logp).double()
-    out = {
-        "prompts": len(rows),
-        "samples_per_prompt": k,
-        "reward_policy": r_policy.mean().item(),
-        "reward_sft": r_sft.mean().item(),
-        "win_rate_vs_sft": wins(r_policy, r_sft),
-        "kl_policy_sft_mc": log_ratio.mean().item(),
-        "kl_policy_sft_mc_se": (log_ratio.std() / len(x) ** 0.5).nan_to_num().item(),
-    }
-    with_ref = [i for i, r in enumerate(rows) if r["reference"]]
-    if with_ref:
-        r_ref = task.rm.score(task.reference_texts([rows[i] for i in with_ref])).to(device)
-        r_pol = r_policy.view(len(rows), k)[with_ref]
-        out["win_rate_vs_reference"] = wins(r_pol, r_ref[:, None].expand_as(r_pol))
-        out["reward_reference"] = r_ref.mean().item()
-    texts = task.texts(x[::k], xm[::k], y[::k], ym[::k])  # one sample of each of 4 prompts
-    out["examples"] = [{"prompt": r["prompt"], "text": t} for r, t in zip(rows, texts)][:4]  # noqa: B905
-    return out
-
-
 def print_text_results(res):
     size = f"{res['prompts']} prompts x {res['samples_per_prompt']} samples"
     print(f"\nHeld-out evaluation ({size}, judged by the reward model)")
@@ -1386,11 +1332,16 @@ class ModelRun:
         sft, tok = load_causal_lm(self.keys["model"], cfg.trust_remote_code, quiet=self.rank > 0)
         held = max(1, len(rows) // 5)  # the last fifth of the prompts is held out for evaluation
         self.train_rows, self.eval_rows = (rows[:-held], rows[-held:]) if rows[1:] else (rows, rows)
-        source = cfg.prompts or "built-in prompts"
-        check_prompt_lengths(rows, tok, cfg.max_new_tokens, model_context(sft), source)
+        context, T = model_context(sft), cfg.max_new_tokens  # every prompt fits, with T more
+        for row, ids in zip(rows, tok([r["prompt"] for r in rows])["input_ids"], strict=True):
+            if len(ids) == 0 or (context and len(ids) + T > context):
+                where = f"{cfg.prompts or 'built-in prompts'}: line {row['line']}"
+                raise ValueError(f"{where}: the prompt is {len(ids)} tokens; with --max-new-tokens "
+                                 f"{T} it must fit the model's context of {context}")  # fmt: skip
         eos = getattr(sft.generation_config, "eos_token_id", None)  # Llama-3 has two
         eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
         self.task = TextTask(self.train_rows, tok, rm, cfg.max_new_tokens, eos, device)
+        self.eval_task = TextTask(self.eval_rows, tok, rm, cfg.max_new_tokens, eos, device)
         if not cfg.micro_batch and device.type == "cpu":  # (ours) at most ~2^27 logits a pass
             length = self.task.prompt_ids.shape[1] + cfg.max_new_tokens
             fits = max(1, 2**27 // (length * len(tok) * cfg.n_samples)) * cfg.n_samples
@@ -1423,11 +1374,8 @@ class ModelRun:
                 if self.last_eval:
                     held_out = {k: v for k, v in self.last_eval.items() if k != "examples"}
                     folder.log({"step": step, "held_out": held_out})
-                if (
-                    (cfg.save_every and step % cfg.save_every == 0)
-                    or step == cfg.steps
-                    or stats["stop"]
-                ):
+                due = cfg.save_every and step % cfg.save_every == 0
+                if due or step == cfg.steps or stats["stop"]:
                     models = loop["policy"], loop["proposal"], self.sft, self.tokenizer
                     folder.save_checkpoint(step, *models, loop["opt"], loop["stream"])
         if stats["stop"] and step < cfg.steps:  # every rank agrees (step_diagnostics)
@@ -1435,11 +1383,43 @@ class ModelRun:
                 dist.barrier()  # rank 0 has saved the checkpoint
             raise Interrupted(step)
 
+    @torch.no_grad()
     def evaluate(self, policy):
-        return evaluate_text(policy, self.sft, self.task, self.eval_rows, self.cfg, self.device)
+        """Held-out prompts, --eval-samples completions each from the policy and the SFT model:
+        mean rewards, win rates judged by the reward model (ties count half), and a Monte Carlo
+        (MC) estimate of KL(policy || SFT) = E_policy[log q(y|x) - log p(y|x)], with its error."""
+        cfg, device, task, sft = self.cfg, self.device, self.eval_task, self.sft
+        rows, k, T = self.eval_rows, cfg.eval_samples, task.max_new_tokens
+        x, xm = (t.repeat_interleave(k, 0) for t in (task.prompt_ids, task.prompt_mask))
+        gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+        with autocast(device):
+            u = torch.rand(len(x), T, device=device, generator=gen)
+            y, ym, policy_logp = sample_completions(policy, x, xm, T, task.eos_id, task.pad_id, u)
+            u = torch.rand(len(x), T, device=device, generator=gen)
+            y0, ym0, _ = sample_completions(sft, x, xm, T, task.eos_id, task.pad_id, u)
+            sft_logp = sequence_logprobs(sft, *join(x, xm, y, ym), task.eos_id)
+            if device.type == "cuda":  # under bf16 the sampler's cached pass differs a little
+                policy_logp = sequence_logprobs(policy, *join(x, xm, y, ym), task.eos_id)
+        r_policy, r_sft = task.reward(x, xm, y, ym), task.reward(x, xm, y0, ym0)
+        wins = lambda a, b: ((a > b).float() + 0.5 * (a == b).float()).mean().item()  # noqa: E731
+        log_ratio, first = (policy_logp - sft_logp).double(), slice(0, 4 * k, k)  # 4 prompts' first
+        texts = zip(rows[:4], task.texts(x[first], xm[first], y[first], ym[first]), strict=True)
+        out = dict(prompts=len(rows), samples_per_prompt=k, reward_policy=r_policy.mean().item(),
+                   reward_sft=r_sft.mean().item(), win_rate_vs_sft=wins(r_policy, r_sft),
+                   kl_policy_sft_mc=log_ratio.mean().item(),
+                   kl_policy_sft_mc_se=(log_ratio.std() / len(x) ** 0.5).nan_to_num().item(),
+                   examples=[dict(prompt=r["prompt"], text=t) for r, t in texts])  # fmt: skip
+        with_ref = [i for i, r in enumerate(rows) if r["reference"]]
+        if with_ref:
+            r_ref = task.rm.score(task.reference_texts([rows[i] for i in with_ref])).to(device)
+            r_pol = r_policy.view(len(rows), k)[with_ref]
+            out["win_rate_vs_reference"] = wins(r_pol, r_ref[:, None].expand_as(r_pol))
+            out["reward_reference"] = r_ref.mean().item()
+        return out
 
-    def train(self):
-        """Part I's train() with this run's policy, state and after_step; then the evaluation."""
+    def run(self):
+        """Load; Part I's train() with this run's policy, state and after_step; evaluate."""
+        self.load()
         cfg, start = self.cfg, self.state["step"] if self.state else 0
         if self.folder and self.rank == 0:
             self.folder.trim_metrics(start)
@@ -1456,9 +1436,8 @@ class ModelRun:
                 policy = train(cfg, self.sft, self.task, self.model, self.state, self.after_step)
             except Interrupted as stopped:
                 saved = f"; checkpoint saved in {cfg.output_dir}, go on with --resume"
-                raise Interrupted(
-                    f"interrupted after step {stopped}{saved * bool(self.folder)}"
-                ) from None
+                saved *= bool(self.folder)
+                raise Interrupted(f"interrupted after step {stopped}{saved}") from None
             if self.rank == 0:  # the held-out evaluation (done when --eval-every reached the end)
                 results = self.last_eval or self.evaluate(policy)
                 results.update(config=asdict(cfg), train_s=round(time.time() - self.t0, 2))
@@ -1470,13 +1449,6 @@ class ModelRun:
             dist.barrier()
             dist.destroy_process_group()
         return results
-
-
-def run_model(cfg):
-    """--model: check and open (ModelRun), load, train, evaluate."""
-    run = ModelRun(cfg)
-    run.load()
-    return run.train()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1693,7 +1665,7 @@ def parse_args(argv=None):
         if f.type is bool:
             group.add_argument(flag(f.name), action="store_true", help=help)
             continue
-        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
+        kind = getattr(f.type, "__args__", (f.type,))[0]  # str | None: str
         plain, with_model = getattr(Args(), f.name), getattr(Args(model="m"), f.name)
         other = f"; {with_model} with --model" if with_model != plain else ""
         help += f" (default: {plain}{other})" if plain is not None else ""
@@ -1713,7 +1685,7 @@ def main(argv=None):
         if args.bench:
             results = bench(args)
         elif args.model:
-            results = run_model(args)
+            results = ModelRun(args).run()
         elif args.compare:
             results = compare(args, args.seeds, args.variants())
         else:

@@ -1038,7 +1038,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the run started before the check")
 
-    for name in ("run", "run_model", "compare", "bench"):
+    for name in ("run", "ModelRun", "compare", "bench"):
         monkeypatch.setattr(brain, name, refuse)
 
 
@@ -1175,7 +1175,7 @@ def test_a_run_stopped_in_its_final_evaluation_finishes_it_on_resume(
     out = tmp_path / "run"
     argv = tiny_argv(tiny_models, out, "--steps", "2")
 
-    monkeypatch.setattr(brain, "evaluate_text", killed)
+    monkeypatch.setattr(brain.ModelRun, "evaluate", killed)
     assert cli(argv, capsys)[0] == 130
     monkeypatch.undo()
     assert (out / "checkpoint-000002").is_dir() and not (out / "eval.json").exists()
