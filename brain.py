@@ -896,24 +896,12 @@ def print_comparison(result):
 # Real models (--model): any Hugging Face causal LM as the prior, one logit of a sequence classifier
 #    as the reward, prompts from a JSON-lines file; the same train() and losses as Part I.
 # ------------------------------------------------------------------------------------------------
-BUILTIN_PROMPTS = [
-    "Summarize: The city council approved a new park on the east side after months of debate.",
-    "Write a friendly reply to a customer whose order arrived late.",
-    "Explain in one sentence why the sky is blue.",
-    "Give one tip for a good night's sleep.",
-    "Describe a rainy morning in two sentences.",
-    "Summarize: The team shipped the release on time despite a last-minute bug.",
-    "Suggest a name for a small coffee shop.",
-    "Tell a short story about a lost cat finding its way home.",
-]
 PROMPT_LINE = '{"prompt": "a non-empty text", "reference": "a text (optional)"}'
 
 
 def load_prompts(path):
-    """Rows {"prompt", "reference" (or None), "line"} from a JSON-lines file, or the built-in
-    examples; a prompt that appears twice is kept once (it would land in both splits)."""
-    if path is None:
-        return [dict(prompt=p, reference=None, line=k) for k, p in enumerate(BUILTIN_PROMPTS, 1)]
+    """Rows {"prompt", "reference" (or None), "line"} from a JSON-lines file; a prompt that appears
+    twice is kept once (it would land in both splits)."""
     rows, lines = {}, 0
     with open(path, "rb") as f:
         for k, raw in enumerate(f, 1):
@@ -955,45 +943,39 @@ def model_source(name, flag):
     return os.path.abspath(name) if os.path.isdir(name) else name
 
 
-def load_pretrained(model_class, name, what, trust_remote_code=False):
-    """A model and its tokenizer from a Hub name or a folder, in fp32, with one-line errors.
-    Weights missing from the checkpoint are an error: transformers would fill them with random
-    ones (a causal LM loaded as a classifier gets a random head), which must never pass silently."""
-    from transformers import AutoConfig, AutoTokenizer
+def load_pretrained(name, classifier=False, trust_remote_code=False, quiet=False):
+    """A causal LM (classifier=True: a sequence classifier) and its tokenizer from a Hub name or
+    a folder, in fp32, with one-line errors. Weights missing from the checkpoint are an error:
+    transformers would fill them with random ones (a causal LM loaded as a classifier gets a
+    random head), which must never pass silently."""
+    import transformers
 
-    classifier, remote = (
-        model_class.__name__.endswith("ForSequenceClassification"),
-        trust_remote_code,
-    )
+    kind = "ForSequenceClassification" if classifier else "ForCausalLM"
+    what, remote = "a reward model" if classifier else "a causal LM", trust_remote_code
     try:
-        archs = AutoConfig.from_pretrained(name, trust_remote_code=remote).architectures
+        archs = transformers.AutoConfig.from_pretrained(
+            name, trust_remote_code=remote
+        ).architectures
         if archs and all(a.endswith("ForSequenceClassification") != classifier for a in archs):
             raise ValueError(f"it is a {archs[0]}")
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
-        model, info = model_class.from_pretrained(
+        tok = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
+        model, info = getattr(transformers, "AutoModel" + kind).from_pretrained(
             name, trust_remote_code=remote, dtype=torch.float32, output_loading_info=True
         )
         missing, vocab = info.get("missing_keys"), model.get_input_embeddings().num_embeddings
         if missing:
             raise ValueError(f"the checkpoint lacks {', '.join(sorted(missing)[:3])} (random)")
-        if len(tokenizer) > vocab:
-            raise ValueError(f"its tokenizer has {len(tokenizer)} tokens, the model {vocab}")
+        if len(tok) > vocab:
+            raise ValueError(f"its tokenizer has {len(tok)} tokens, the model {vocab}")
     except Exception as e:  # transformers raises OSError, ValueError, KeyError...: one line
         raise ValueError(f"cannot load {what} from {name!r}: {first_line(e)}") from None
-    return model.eval(), tokenizer
-
-
-def load_causal_lm(name, trust_remote_code=False, quiet=False):
-    """The SFT prior (and the policy's start) and its tokenizer, from a Hub name or a folder."""
-    from transformers import AutoModelForCausalLM
-
-    model, tok = load_pretrained(AutoModelForCausalLM, name, "a causal LM", trust_remote_code)
-    if tok.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {name!r} has no EOS token: completions could never end")
-    if tok.pad_token_id is None and not quiet:
-        print(f"note: the tokenizer of {name} has no pad token; its EOS token is the pad")
-    tok.pad_token, tok.padding_side = tok.pad_token or tok.eos_token, "left"
-    return model, tok
+    if not classifier:  # the prior: its completions must end; prompts are padded on the left
+        if tok.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {name!r} has no EOS token: completions never end")
+        if tok.pad_token_id is None and not quiet:
+            print(f"note: the tokenizer of {name} has no pad token; its EOS token is the pad")
+        tok.pad_token, tok.padding_side = tok.pad_token or tok.eos_token, "left"
+    return model.eval(), tok
 
 
 def model_context(model):
@@ -1010,9 +992,7 @@ class RewardModel:
     its start: the prompt's beginning is cut, never the completion."""
 
     def __init__(self, name, label=None, trust_remote_code=False, device="cpu"):
-        from transformers import AutoModelForSequenceClassification as Classifier
-
-        model, tok = load_pretrained(Classifier, name, "a reward model", trust_remote_code)
+        model, tok = load_pretrained(name, True, trust_remote_code)
         labels = [model.config.id2label.get(i, str(i)) for i in range(model.config.num_labels)]
         index = {**{str(i): i for i in range(len(labels))}, **{x: i for i, x in enumerate(labels)}}
         if label not in index and (label is not None or len(labels) > 1):
@@ -1054,12 +1034,6 @@ class TextTask:
 
     def reward(self, *seqs):  # x, x_mask, y, y_mask
         return self.rm.score(self.texts(*seqs)).to(seqs[0].device)
-
-    def reference_texts(self, rows):
-        """prompt + reference, through the same tokenizer and decoding as the samples."""
-        tok, plain = self.tokenizer, dict(add_special_tokens=False)
-        ids = [tok(r["prompt"]).input_ids + tok(r["reference"], **plain).input_ids for r in rows]
-        return tok.batch_decode(ids, skip_special_tokens=True)
 
 
 # The run folder (ours). A run owns its --output-dir: absent, empty, or marked as a run's by
@@ -1296,15 +1270,13 @@ class ModelRun:
     that needs no model is checked when it is made (Args.validate, then here), before any load."""
 
     def __init__(self, cfg):
-        self.keys = {  # the settings a --resume must repeat
-            "model": model_source(cfg.model, "--model"),
-            "reward_model": model_source(cfg.reward_model, "--reward-model"),
-            **{k: getattr(cfg, k) for k in ("reward_label", "method", "dpo_labels", "beta", "lr")},
-            **{k: getattr(cfg, k) for k in ("prompts_per_step", "n_samples", "refresh_every")},
-            "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
-            "prompts": cfg.prompts and os.path.abspath(cfg.prompts),
-        }  # fmt: skip
-        self.rows = load_prompts(cfg.prompts)
+        same = (
+            "method dpo_labels beta lr prompts_per_step n_samples refresh_every seed reward_label"
+        )
+        self.keys = {k: getattr(cfg, k) for k in (*same.split(), "max_new_tokens")}  # --resume's
+        self.keys["model"] = model_source(cfg.model, "--model")
+        self.keys["reward_model"] = model_source(cfg.reward_model, "--reward-model")
+        self.rows, self.keys["prompts"] = load_prompts(cfg.prompts), os.path.abspath(cfg.prompts)
         digest = hashlib.sha256(json.dumps([r["prompt"] for r in self.rows]).encode()).hexdigest()
         self.keys["prompts_sha256"] = digest[:16]
         self.device, self.rank, self.n_procs = setup_distributed(cfg)
@@ -1328,14 +1300,15 @@ class ModelRun:
         seed_everything(cfg.seed)
         transformers.logging.set_verbosity_error()  # missing weights are our errors, not warnings
         transformers.logging.disable_progress_bar()
-        rm = RewardModel(self.keys["reward_model"], cfg.reward_label, cfg.trust_remote_code, device)
-        sft, tok = load_causal_lm(self.keys["model"], cfg.trust_remote_code, quiet=self.rank > 0)
+        remote = cfg.trust_remote_code
+        rm = RewardModel(self.keys["reward_model"], cfg.reward_label, remote, device)
+        sft, tok = load_pretrained(self.keys["model"], False, remote, quiet=self.rank > 0)
         held = max(1, len(rows) // 5)  # the last fifth of the prompts is held out for evaluation
         self.train_rows, self.eval_rows = (rows[:-held], rows[-held:]) if rows[1:] else (rows, rows)
         context, T = model_context(sft), cfg.max_new_tokens  # every prompt fits, with T more
         for row, ids in zip(rows, tok([r["prompt"] for r in rows])["input_ids"], strict=True):
             if len(ids) == 0 or (context and len(ids) + T > context):
-                where = f"{cfg.prompts or 'built-in prompts'}: line {row['line']}"
+                where = f"{cfg.prompts}: line {row['line']}"
                 raise ValueError(f"{where}: the prompt is {len(ids)} tokens; with --max-new-tokens "
                                  f"{T} it must fit the model's context of {context}")  # fmt: skip
         eos = getattr(sft.generation_config, "eos_token_id", None)  # Llama-3 has two
@@ -1348,7 +1321,10 @@ class ModelRun:
             fits = 0 if fits >= cfg.prompts_per_step * cfg.n_samples else fits  # 0: all at once
             self.cfg = replace(cfg, micro_batch=fits)
         self.sft, self.tokenizer = frozen(sft.to(device)), tok  # frozen() copies: sft is free
-        policy = load_causal_lm(self.resume_from, quiet=True)[0] if self.resume_from else sft
+        from_checkpoint = self.resume_from and load_pretrained(
+            self.resume_from, False, remote, True
+        )
+        policy = from_checkpoint[0] if from_checkpoint else sft
         self.model = policy.to(device).requires_grad_(True)
         if self.n_procs > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -1410,8 +1386,11 @@ class ModelRun:
                    kl_policy_sft_mc_se=(log_ratio.std() / len(x) ** 0.5).nan_to_num().item(),
                    examples=[dict(prompt=r["prompt"], text=t) for r, t in texts])  # fmt: skip
         with_ref = [i for i, r in enumerate(rows) if r["reference"]]
-        if with_ref:
-            r_ref = task.rm.score(task.reference_texts([rows[i] for i in with_ref])).to(device)
+        if with_ref:  # prompt + reference, through the same tokenizer and decoding as the samples
+            tok, plain = task.tokenizer, dict(add_special_tokens=False)
+            ids = [tok(rows[i]["prompt"]).input_ids + tok(rows[i]["reference"], **plain).input_ids
+                   for i in with_ref]  # fmt: skip
+            r_ref = task.rm.score(tok.batch_decode(ids, skip_special_tokens=True)).to(device)
             r_pol = r_policy.view(len(rows), k)[with_ref]
             out["win_rate_vs_reference"] = wins(r_pol, r_ref[:, None].expand_as(r_pol))
             out["reward_reference"] = r_ref.mean().item()
@@ -1565,7 +1544,7 @@ class Args(Config):
     model: str | None = arg(None, "causal LM (Hub name or folder): the SFT prior and the start")
     reward_model: str | None = arg(None, "sequence-classification reward model (name or folder)")
     reward_label: str | None = arg(None, "the reward model's label whose logit is the reward")
-    prompts: str | None = arg(None, 'JSON lines {"prompt": ..., "reference": ...} (or 8 built-in)')
+    prompts: str | None = arg(None, 'the prompts: JSON lines {"prompt": ..., "reference": ...}')
     max_new_tokens: int = arg(32, "completion length limit, EOS included")
     output_dir: str | None = arg(None, "the run's own folder: checkpoints, metrics, evaluation")
     save_every: int = arg(0, "checkpoint every K steps (0: at the end only)")
@@ -1602,6 +1581,7 @@ class Args(Config):
                            "trust_remote_code")  # fmt: skip
         need(self.model or not model_only, f"{', '.join(model_only)}: only with --model")
         need(not self.model or self.reward_model, "--model needs --reward-model (a classifier)")
+        need(not self.model or self.prompts, "--model needs --prompts (a JSON-lines file)")
         need(not self.resume or self.output_dir, "--resume needs --output-dir (the run's folder)")
         least = dict(max_new_tokens=1, eval_samples=1, save_every=0, eval_every=0, seeds=1)
         for name, low in least.items():

@@ -789,6 +789,7 @@ BAD_INPUTS = {
     "json_folder": ("args", ": a folder"),
     "json_missing_folder": ("args", "cannot write in"),
     "output_dir_empty": ("args", "--output-dir is empty"),
+    "model_without_prompts": ("args", "--model needs --prompts"),
     "save_every_negative": ("args", "save_every must be >= 0, got -1"),
     "eval_samples_0": ("args", "eval_samples must be >= 1, got 0"),
     "max_new_tokens_0": ("args", "max_new_tokens must be >= 1, got 0"),
@@ -859,6 +860,7 @@ def bad_input_argv(case, root, tmp):
     (tmp / "notes.txt").write_text("my notes")
     cases = {
         "output_dir_empty": lambda: swap("--output-dir", ""),
+        "model_without_prompts": lambda: argv[:4] + argv[6:],
         "save_every_negative": lambda: argv + ["--save-every", "-1"],
         "eval_samples_0": lambda: argv + ["--eval-samples", "0"],
         "max_new_tokens_0": lambda: swap("--max-new-tokens", "0"),
@@ -905,8 +907,13 @@ def test_every_mistake_is_one_line_found_early_that_touches_nothing(
         no_training(monkeypatch)
     if stage in ("args", "files"):
         monkeypatch.setattr(brain, "load_pretrained", refuse)
-    if stage == "reward":
-        monkeypatch.setattr(brain, "load_causal_lm", refuse)
+    if stage == "reward":  # the reward model loads, but no LM
+        load = brain.load_pretrained
+
+        def reward_model_only(name, classifier=False, *args, **kwargs):
+            return load(name, classifier, *args, **kwargs) if classifier else refuse()
+
+        monkeypatch.setattr(brain, "load_pretrained", reward_model_only)
     code, _, err = cli(argv, capsys)
     assert code == (2 if stage == "args" else 1), err
     assert expected in one_line(err)
