@@ -716,8 +716,7 @@ import numpy as np
 
 
 def print_table(header, rows):
-    """The one way a table is printed: the first column to the left, the others to the right (a
-    short row is blank at its end)."""
+    """Every table: the first column to the left, the others to the right; short rows end blank."""
     rows = [[str(c) for c in row] + [""] * (len(header) - len(row)) for row in [header, *rows]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
@@ -740,14 +739,12 @@ def print_run(results):
                        for s in results["samples"][key]], sep="\n")  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------
-# Comparing the estimators on equal footing (python brain.py --compare; our protocol). Every method
-#    trains from the same SFT prior on the same sample stream (seed, prompts, steps, optimizer, lr,
-#    beta). Off-policy (q' = SFT): BRAIn, GDC++, DPG, DPO; on-policy (q' = the policy): BRAIn
-#    against RLOO, RL on the same objective. At fixed steps a policy is frozen and every estimator
-#    of its group is computed on the same fresh batches: the trace of their covariance is its
-#    variance.
-# ------------------------------------------------------------------------------------------------
+# Comparing the estimators on equal footing (python brain.py --compare; our protocol) --------------
+#    Every method trains from the same SFT prior on the same sample stream (seed, prompts, steps,
+#    optimizer, lr, beta). Off-policy (q' = SFT): BRAIn, GDC++, DPG, DPO; on-policy (q' = the
+#    policy): BRAIn against RLOO, RL on the same objective. At fixed steps a policy is frozen and
+#    every estimator of its group is computed on the same fresh batches: the trace of their
+#    covariance is its variance.
 VARIANTS = {  # name -> (method, DPO labels, proposal: None = cfg.refresh_every, 1 = the policy)
     "brain": ("brain", "argmax", None),
     "gdcpp": ("gdcpp", "argmax", None),
@@ -795,9 +792,8 @@ def brain_gdcpp_gap(cfg, policy, sft, task, generator):
 
 def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_every=50,
             variance_batches=16, show=True):  # fmt: skip
-    """Train every variant on identical sample streams for `seeds` seeds; exact metrics every
-    curve_every steps, and every variance_every steps the variances of its group's estimators
-    (off-policy or on-policy) at its own policy."""
+    """Train every variant on identical sample streams for `seeds` seeds: exact metrics every
+    curve_every steps, and every variance_every steps its group's estimators' variances there."""
     cfg.validate()
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or seeds < 1 or variance_batches < 2:
@@ -823,18 +819,13 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_eve
 
             def measure(step, policy, proposal):
                 t, last = time.time(), step == cfg.steps
-                curve, variance = (
-                    step % curve_every == 0 or last,
-                    step % variance_every == 0 or last,
-                )
+                curve, variance = (last or step % k == 0 for k in (curve_every, variance_every))
                 m = exact(enumerate_logprobs(policy, world, device)) if curve or variance else None
                 record["curve"] += [{"step": step, **m}] if curve else []
                 if variance:
-                    g = estimator_gradients(
-                        run_cfg, policy, proposal, sft, world, group, variance_batches, probe
-                    )
+                    inputs = run_cfg, policy, proposal, sft, world, group, variance_batches, probe
+                    var = {u: variance_stats(g) for u, g in estimator_gradients(*inputs).items()}
                     gap = brain_gdcpp_gap(run_cfg, policy, sft, world, probe)
-                    var = {u: variance_stats(gu) for u, gu in g.items()}
                     point = {"kl_policy_sft": m["kl_policy_sft"], "brain_vs_gdcpp": gap}
                     record["variance"].append({"step": step, **point, "estimators": var})
                 record["hook_s"] += time.time() - t
@@ -892,16 +883,10 @@ def print_comparison(result):
           "estimate one gradient; DPO and RLOO others (RLOO's has the same optimum).")  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------
-# Real models (--model): any Hugging Face causal LM as the prior, one logit of a sequence classifier
-#    as the reward, prompts from a JSON-lines file; the same train() and losses as Part I.
-# ------------------------------------------------------------------------------------------------
-PROMPT_LINE = '{"prompt": "a non-empty text", "reference": "a text (optional)"}'
-
-
+# Real models (--model): any Hugging Face causal LM as the prior, a classifier's logit as reward ---
+#    (one label's), prompts from a JSON-lines file; the same train() and losses as Part I.
 def load_prompts(path):
-    """Rows {"prompt", "reference" (or None), "line"} from a JSON-lines file; a prompt that appears
-    twice is kept once (it would land in both splits)."""
+    """Rows {"prompt", "reference" (or None), "line"} of a JSON-lines file; a prompt just once."""
     rows, lines = {}, 0
     with open(path, "rb") as f:
         for k, raw in enumerate(f, 1):
@@ -918,19 +903,18 @@ def load_prompts(path):
             except (ValueError, RecursionError) as e:  # bad JSON, a 5000-digit number, nesting
                 raise ValueError(f"{path}: line {k}: not valid JSON ({first_line(e)})") from None
             except (KeyError, TypeError, AttributeError):
-                raise ValueError(f"{path}: line {k}: each line is {PROMPT_LINE}") from None
+                form = '{"prompt": "a non-empty text", "reference": "a text (optional)"}'
+                raise ValueError(f"{path}: line {k}: each line is {form}") from None
             rows.setdefault(prompt, dict(prompt=prompt, reference=ref, line=k))
             lines += 1
-    if not rows:
-        raise ValueError(f"{path}: no prompts in the file")
+    need(rows, f"{path}: no prompts in the file")
     if lines > len(rows):
         print(f"note: {path}: {lines - len(rows)} duplicate prompt(s) dropped (each is kept once)")
     return list(rows.values())
 
 
-def first_line(e):
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+def first_line(e):  # an error's message, its first line (or the error's type)
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def model_source(name, flag):
@@ -944,20 +928,17 @@ def model_source(name, flag):
 
 
 def load_pretrained(name, classifier=False, trust_remote_code=False, quiet=False):
-    """A causal LM (classifier=True: a sequence classifier) and its tokenizer from a Hub name or
-    a folder, in fp32, with one-line errors. Weights missing from the checkpoint are an error:
-    transformers would fill them with random ones (a causal LM loaded as a classifier gets a
-    random head), which must never pass silently."""
+    """A causal LM (classifier=True: a sequence classifier) and its tokenizer in fp32, errors in
+    one line. Weights the checkpoint lacks are an error: transformers would draw them at random (a
+    causal LM loaded as a classifier gets a random head), which must never pass silently."""
     import transformers
 
     kind = "ForSequenceClassification" if classifier else "ForCausalLM"
     what, remote = "a reward model" if classifier else "a causal LM", trust_remote_code
     try:
-        archs = transformers.AutoConfig.from_pretrained(
-            name, trust_remote_code=remote
-        ).architectures
-        if archs and all(a.endswith("ForSequenceClassification") != classifier for a in archs):
-            raise ValueError(f"it is a {archs[0]}")
+        arch = transformers.AutoConfig.from_pretrained(name, trust_remote_code=remote).architectures
+        if arch and all(a.endswith("ForSequenceClassification") != classifier for a in arch):
+            raise ValueError(f"it is a {arch[0]}")
         tok = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
         model, info = getattr(transformers, "AutoModel" + kind).from_pretrained(
             name, trust_remote_code=remote, dtype=torch.float32, output_loading_info=True
@@ -965,8 +946,7 @@ def load_pretrained(name, classifier=False, trust_remote_code=False, quiet=False
         missing, vocab = info.get("missing_keys"), model.get_input_embeddings().num_embeddings
         if missing:
             raise ValueError(f"the checkpoint lacks {', '.join(sorted(missing)[:3])} (random)")
-        if len(tok) > vocab:
-            raise ValueError(f"its tokenizer has {len(tok)} tokens, the model {vocab}")
+        need(len(tok) <= vocab, f"its tokenizer has {len(tok)} tokens, the model {vocab}")
     except Exception as e:  # transformers raises OSError, ValueError, KeyError...: one line
         raise ValueError(f"cannot load {what} from {name!r}: {first_line(e)}") from None
     if not classifier:  # the prior: its completions must end; prompts are padded on the left
@@ -986,10 +966,9 @@ def model_context(model):
 
 
 class RewardModel:
-    """r(x, y) = one logit of an AutoModelForSequenceClassification on the decoded text x + y,
-    re-encoded with the reward model's own tokenizer. A text longer than the reward model takes
-    (its tokenizer's model_max_length or its own position limit, whichever is smaller) loses
-    its start: the prompt's beginning is cut, never the completion."""
+    """r(x, y) = one logit of an AutoModelForSequenceClassification on the decoded text x + y, in
+    its own tokens. A text longer than it takes (the smaller of its tokenizer's model_max_length
+    and its position limit) loses its start: the prompt's beginning, never the completion."""
 
     def __init__(self, name, label=None, trust_remote_code=False, device="cpu"):
         model, tok = load_pretrained(name, True, trust_remote_code)
@@ -1026,8 +1005,7 @@ class TextTask:
         self.prompt_ids, self.prompt_mask = enc["input_ids"], enc["attention_mask"]
 
     def texts(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        """[prompt | completion] decoded as one sequence per row (decoding the two apart would
-        lose the space between them with SentencePiece tokenizers)."""
+        """[prompt | completion] decoded as one text a row (apart, SentencePiece loses a space)."""
         ids, mask, _ = join(prompt_ids, prompt_mask, completion_ids, completion_mask)
         ids = torch.where(mask.bool(), ids, self.pad_id)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -1076,11 +1054,10 @@ class RunFolder:
             except BlockingIOError:
                 raise ValueError(f"--output-dir {path}: another run is using it") from None
         entries = sorted(os.listdir(path))
-        if entries and RUN_FILE not in entries:
-            raise ValueError(f"--output-dir {path} holds {entries[0]!r} and is no run folder of "
-                             "brain.py: choose a new or empty folder")  # fmt: skip
         if not entries:  # a fresh run: RUN_FILE is written before the run's first file
             return
+        need(RUN_FILE in entries, f"--output-dir {path} holds {entries[0]!r} and is no run folder "
+                                  "of brain.py: choose a new or empty folder")  # fmt: skip
         try:
             with open(self.own(RUN_FILE)) as f:
                 self.record = json.load(f)
@@ -1088,13 +1065,11 @@ class RunFolder:
             self.record["saving"]  # noqa: B018 (all three keys, or it is damaged)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{self.own(RUN_FILE)} is damaged ({first_line(e)})") from None
-        if not resume:
-            raise ValueError(f"{path} holds a run of brain.py ({done}): pass --resume to go on, or "
-                             "choose another --output-dir")  # fmt: skip
+        need(resume, f"{path} holds a run of brain.py ({done}): pass --resume to go on, or choose "
+                     "another --output-dir")  # fmt: skip
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
                    if saved.get(k) != v]  # fmt: skip
-        if changed:
-            raise ValueError(f"--resume with other settings than the run's: {', '.join(changed)}")
+        need(not changed, f"--resume with other settings than the run's: {', '.join(changed)}")
         if write:
             self.finish_save()
         mine = self.record["checkpoint"]
@@ -1135,8 +1110,7 @@ class RunFolder:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             missing = {"step", "optimizer", "stream", "proposal"} - set(state)
-            if missing:
-                raise KeyError(f"no {', '.join(sorted(missing))}")
+            need(not missing, f"no {', '.join(sorted(missing))}")
             torch.Generator(device).set_state(state["stream"])  # the same device type
         except Exception as e:
             raise ValueError(f"{path}: damaged or from another device ({first_line(e)})") from None
@@ -1192,10 +1166,6 @@ class RunFolder:
             f.write(json.dumps(record) + "\n")
 
 
-class Interrupted(Exception):
-    """A stop asked for: the run stopped after a whole step (checkpointed, with --output-dir)."""
-
-
 @contextlib.contextmanager
 def stop_after_step():
     """The first Ctrl-C or SIGTERM (what schedulers send) asks the run to stop once the step in
@@ -1231,8 +1201,7 @@ def print_text_results(res):
 
 
 def setup_distributed(cfg):
-    """torchrun sets WORLD_SIZE: then one process per device, NCCL on GPUs, gloo on CPUs.
-    Returns (device, rank, number of processes)."""
+    """(device, rank, processes): torchrun sets WORLD_SIZE; one process a device, NCCL or gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return pick_device(cfg.device), 0, 1
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -1246,11 +1215,10 @@ def setup_distributed(cfg):
 
 
 def step_diagnostics(cfg, loop, stop, n_procs):
-    """A step's figures from what the step computed anyway (no extra forward pass): the loss; the
-    samples' mean reward and its spread; a self-normalised estimate of KL(policy || SFT),
-    sum_i beta_hat_i (log q_theta(y_i) - log p_sft(y_i)), from the proposal's samples; and the
-    effective sample size (ESS) of alpha_hat, 1 / sum_i alpha_hat_i^2, as a fraction of n.
-    Averaged over this process's prompts, then over the processes."""
+    """A step's figures from what it computed anyway (no extra forward pass), averaged over the
+    prompts and the processes: the loss; the samples' mean reward and spread; a self-normalised
+    KL(policy || SFT), sum_i beta_hat_i (log q_theta(y_i) - log p_sft(y_i)), on the proposal's
+    samples; the effective sample size (ESS) of alpha_hat, 1 / sum_i alpha_hat_i^2, over n."""
     pol, prop, sft, reward = (loop[k] for k in ("logps", "proposal_logp", "sft_logp", "reward"))
     pol = torch.cat(pol)
     log_a = log_alpha_hat(log_posterior(sft, reward, cfg.beta), prop)
@@ -1270,11 +1238,9 @@ class ModelRun:
     that needs no model is checked when it is made (Args.validate, then here), before any load."""
 
     def __init__(self, cfg):
-        same = (
-            "method dpo_labels beta lr prompts_per_step n_samples refresh_every seed reward_label"
-        )
-        self.keys = {k: getattr(cfg, k) for k in (*same.split(), "max_new_tokens")}  # --resume's
-        self.keys["model"] = model_source(cfg.model, "--model")
+        same = "method dpo_labels beta lr prompts_per_step n_samples refresh_every seed"
+        self.keys = {k: getattr(cfg, k) for k in [*same.split(), "reward_label", "max_new_tokens"]}
+        self.keys["model"] = model_source(cfg.model, "--model")  # keys: what --resume keeps
         self.keys["reward_model"] = model_source(cfg.reward_model, "--reward-model")
         self.rows, self.keys["prompts"] = load_prompts(cfg.prompts), os.path.abspath(cfg.prompts)
         digest = hashlib.sha256(json.dumps([r["prompt"] for r in self.rows]).encode()).hexdigest()
@@ -1321,11 +1287,8 @@ class ModelRun:
             fits = 0 if fits >= cfg.prompts_per_step * cfg.n_samples else fits  # 0: all at once
             self.cfg = replace(cfg, micro_batch=fits)
         self.sft, self.tokenizer = frozen(sft.to(device)), tok  # frozen() copies: sft is free
-        from_checkpoint = self.resume_from and load_pretrained(
-            self.resume_from, False, remote, True
-        )
-        policy = from_checkpoint[0] if from_checkpoint else sft
-        self.model = policy.to(device).requires_grad_(True)
+        resumed = self.resume_from and load_pretrained(self.resume_from, False, remote, True)[0]
+        self.model = (resumed if self.resume_from else sft).to(device).requires_grad_(True)
         if self.n_procs > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
@@ -1357,7 +1320,8 @@ class ModelRun:
         if stats["stop"] and step < cfg.steps:  # every rank agrees (step_diagnostics)
             if self.n_procs > 1:
                 dist.barrier()  # rank 0 has saved the checkpoint
-            raise Interrupted(step)
+            saved = f"; checkpoint saved in {cfg.output_dir}, go on with --resume" * bool(folder)
+            raise KeyboardInterrupt(f"interrupted after step {step}{saved}")  # main prints it
 
     @torch.no_grad()
     def evaluate(self, policy):
@@ -1368,11 +1332,10 @@ class ModelRun:
         rows, k, T = self.eval_rows, cfg.eval_samples, task.max_new_tokens
         x, xm = (t.repeat_interleave(k, 0) for t in (task.prompt_ids, task.prompt_mask))
         gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+        u = lambda: torch.rand(len(x), T, device=device, generator=gen)  # noqa: E731
         with autocast(device):
-            u = torch.rand(len(x), T, device=device, generator=gen)
-            y, ym, policy_logp = sample_completions(policy, x, xm, T, task.eos_id, task.pad_id, u)
-            u = torch.rand(len(x), T, device=device, generator=gen)
-            y0, ym0, _ = sample_completions(sft, x, xm, T, task.eos_id, task.pad_id, u)
+            y, ym, policy_logp = sample_completions(policy, x, xm, T, task.eos_id, task.pad_id, u())
+            y0, ym0, _ = sample_completions(sft, x, xm, T, task.eos_id, task.pad_id, u())
             sft_logp = sequence_logprobs(sft, *join(x, xm, y, ym), task.eos_id)
             if device.type == "cuda":  # under bf16 the sampler's cached pass differs a little
                 policy_logp = sequence_logprobs(policy, *join(x, xm, y, ym), task.eos_id)
@@ -1411,12 +1374,7 @@ class ModelRun:
         self.t0 = self.step_t = time.time()
         self.last_eval, results = None, None
         with stop_after_step() as self.asked:
-            try:
-                policy = train(cfg, self.sft, self.task, self.model, self.state, self.after_step)
-            except Interrupted as stopped:
-                saved = f"; checkpoint saved in {cfg.output_dir}, go on with --resume"
-                saved *= bool(self.folder)
-                raise Interrupted(f"interrupted after step {stopped}{saved}") from None
+            policy = train(cfg, self.sft, self.task, self.model, self.state, self.after_step)
             if self.rank == 0:  # the held-out evaluation (done when --eval-every reached the end)
                 results = self.last_eval or self.evaluate(policy)
                 results.update(config=asdict(cfg), train_s=round(time.time() - self.t0, 2))
@@ -1430,10 +1388,8 @@ class ModelRun:
         return results
 
 
-# ------------------------------------------------------------------------------------------------
-# Benchmark (python brain.py --bench): is a BRAIn step as cheap as fine-tuning on the samples?
-#     Ratios on the same machine, so that machine noise cancels.
-# ------------------------------------------------------------------------------------------------
+# Benchmark (python brain.py --bench): is a BRAIn step as cheap as fine-tuning on the samples? -----
+#    Ratios on the same machine, so that machine noise cancels.
 def timed(fn, device):
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     sync()
@@ -1444,9 +1400,8 @@ def timed(fn, device):
 
 
 def bench_model(name, model, prompt_ids, B, n, T, device, steps=20, warmup=3):
-    """One row for `model` (a Hugging Face causal LM), B prompts x n samples of T tokens: 1. an
-    optimizer step on a fixed batch, BRAIn (scores given) against cross-entropy on the same
-    tokens; 2. our sampler against generate(), same shape and settings. Medians."""
+    """A row for `model` (an HF causal LM), B prompts x n samples of T tokens, medians: an optimizer
+    step, BRAIn against cross-entropy on the same tokens; our sampler against generate()."""
     model, g = model.to(device).eval(), torch.Generator(device).manual_seed(0)
     x = prompt_ids.to(device).repeat_interleave(n, 0)
     xm, opt = torch.ones_like(x), torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -1457,31 +1412,26 @@ def bench_model(name, model, prompt_ids, B, n, T, device, steps=20, warmup=3):
     settings.update(max_new_tokens=T, pad_token_id=0)
     generate = lambda: model.generate(input_ids=x, attention_mask=xm, **settings)  # noqa: E731
     with torch.no_grad(), autocast(device):
-        y, _, proposal_logp = sample()
-    seqs, proposal_logp = join(x, xm, y, torch.ones_like(y)), proposal_logp.view(B, n)
-    target_logp = proposal_logp + torch.randn(B, n, device=device, generator=g)
-    targets = torch.where(seqs[2][:, 1:].bool(), seqs[0][:, 1:], -100).reshape(-1)
+        y, _, q_logp = sample()
+    seqs, q_logp = join(x, xm, y, torch.ones_like(y)), q_logp.view(B, n)
+    target = q_logp + torch.randn(B, n, device=device, generator=g)  # scores, given
+    labels = torch.where(seqs[2][:, 1:].bool(), seqs[0][:, 1:], -100).reshape(-1)
 
-    def brain():
-        return brain_loss(
-            sequence_logprobs(model, *seqs, -1).view(B, n), proposal_logp, target_logp
-        )
-
-    def ce():
-        logits = model(input_ids=seqs[0], attention_mask=seqs[1]).logits[:, :-1].float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
-
-    def update(loss_of):
+    def update(key):  # one optimizer step: BRAIn's loss, or cross-entropy on the same tokens
         opt.zero_grad(set_to_none=True)
         with autocast(device):
-            loss = loss_of()
+            if key == "brain":
+                loss = brain_loss(sequence_logprobs(model, *seqs, -1).view(B, n), q_logp, target)
+            else:
+                logits = model(input_ids=seqs[0], attention_mask=seqs[1]).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
         loss.backward()
         opt.step()
 
     times = {k: [] for k in ("brain", "ce", "ours", "generate")}
     for i in progress(range(warmup + steps), f"bench {name}"):  # in turns: drift hits both
-        for key, fn in (("brain", brain), ("ce", ce))[:: 1 if i % 2 else -1]:
-            times[key] += [timed(lambda: update(fn), device)] if i >= warmup else []
+        for key in ("brain", "ce")[:: 1 if i % 2 else -1]:
+            times[key] += [timed(lambda: update(key), device)] if i >= warmup else []
         with torch.no_grad(), autocast(device):
             for key, fn in (("ours", sample), ("generate", generate)):
                 times[key] += [timed(fn, device)] if i >= warmup else []
@@ -1533,9 +1483,7 @@ def print_bench(result):
     print("ratio: BRAIn step / cross-entropy step on the same tokens; sampler: ours / generate()")
 
 
-# ------------------------------------------------------------------------------------------------
 # The command line: one flag per field of Args (Config and the options below), help from the field
-# ------------------------------------------------------------------------------------------------
 @dataclass
 class Args(Config):
     """Config, plus the options of real models (--model) and of the commands."""
@@ -1573,9 +1521,8 @@ class Args(Config):
         plain = Args(model=self.model, method=self.method)  # the defaults, to see what was given
         given = lambda *keys: [flag(k) for k in keys if getattr(self, k) != getattr(plain, k)]  # noqa: E731
         for name in ("model", "reward_model", "prompts", "output_dir", "json"):
-            need(
-                getattr(self, name) is None or getattr(self, name).strip(), f"{flag(name)} is empty"
-            )
+            text = getattr(self, name)
+            need(text is None or text.strip(), f"{flag(name)} is empty")
         model_only = given("reward_model", "reward_label", "prompts", "output_dir", "resume",
                            "save_every", "eval_every", "eval_samples", "max_new_tokens",
                            "trust_remote_code")  # fmt: skip
@@ -1602,10 +1549,8 @@ class Args(Config):
             path, parent = os.path.abspath(self.json), os.path.dirname(os.path.abspath(self.json))
             need(not os.path.isdir(path), f"--json {self.json}: a folder")
             need(os.access(parent, os.W_OK), f"--json {self.json}: cannot write in {parent}")
-            inputs = [
-                os.path.abspath(p) for p in (self.prompts, self.model, self.reward_model) if p
-            ]
-            inside = any(path == p or path.startswith(p + os.sep) for p in inputs)
+            inputs = filter(None, (self.prompts, self.model, self.reward_model))
+            inside = any((path + os.sep).startswith(os.path.abspath(p) + os.sep) for p in inputs)
             need(not inside, f"--json {self.json}: an input of the run (or inside one)")
         return self
 
@@ -1628,16 +1573,12 @@ GROUPS = {"method": "the method", "steps": "training", "sft_steps": "the embedde
           "model": "real models (--model)", "compare": "commands"}  # fmt: skip
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
     """The flags, one per field of Args, with its help and its default (--model's, if other)."""
     about = "BRAIn (Pandey et al., ICML 2024): the embedded toy world by default; --model for HF."
-    p = Parser(prog="brain.py", description=about, epilog=EXAMPLES,
-               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(prog="brain.py", description=about, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # no usage
     group = p
     for f in fields(Args):
         group = p.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
@@ -1645,16 +1586,13 @@ def parse_args(argv=None):
         if f.type is bool:
             group.add_argument(flag(f.name), action="store_true", help=help)
             continue
-        kind = getattr(f.type, "__args__", (f.type,))[0]  # str | None: str
+        kw = dict(type=getattr(f.type, "__args__", (f.type,))[0], default=f.default)  # str | None
         plain, with_model = getattr(Args(), f.name), getattr(Args(model="m"), f.name)
         other = f"; {with_model} with --model" if with_model != plain else ""
         help += f" (default: {plain}{other})" if plain is not None else ""
-        group.add_argument(
-            flag(f.name), type=kind, default=f.default, help=help, metavar=f.name.upper()
-        )
-    args = Args(**vars(p.parse_args(argv)))
+        group.add_argument(flag(f.name), help=help, metavar=f.name.upper(), **kw)
     try:
-        return args.validate()
+        return Args(**vars(p.parse_args(argv))).validate()
     except ValueError as e:
         p.error(str(e))
 
@@ -1673,11 +1611,11 @@ def main(argv=None):
         if args.json and results is not None:
             write_atomic(args.json, lambda f: json.dump(results, f, indent=2))
             print(f"\nmetrics written to {args.json}")
-    except (ValueError, Interrupted) as e:  # our checks, a stop: one line, no traceback
-        print(f"brain.py: {'error: ' if isinstance(e, ValueError) else ''}{e}", file=sys.stderr)
-        return 1 if isinstance(e, ValueError) else 130
-    except KeyboardInterrupt:
-        print("brain.py: interrupted", file=sys.stderr)
+    except ValueError as e:  # our checks: one line, no traceback
+        print(f"brain.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # a stop after a step (after_step says which), or at once
+        print(f"brain.py: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
     except (MemoryError, torch.OutOfMemoryError) as e:
         hint = "try a smaller --micro-batch, --prompts-per-step or --n-samples"
