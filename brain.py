@@ -921,10 +921,11 @@ def model_source(name, flag):
     """A folder's normalised path, or a Hub name; one clear line when it is neither."""
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise ValueError(f"{flag} {name!r}: a folder without config.json, not a Hugging Face model")
+    if os.path.isdir(name):
+        return os.path.abspath(name)
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        if not os.path.isdir(name):
-            raise ValueError(f"{flag} {name!r}: no such folder, and not a Hub name (owner/model)")
-    return os.path.abspath(name) if os.path.isdir(name) else name
+        raise ValueError(f"{flag} {name!r}: no such folder, and not a Hub name (owner/model)")
+    return name
 
 
 def load_pretrained(name, classifier=False, trust_remote_code=False, quiet=False):
@@ -1061,8 +1062,9 @@ class RunFolder:
         try:
             with open(self.own(RUN_FILE)) as f:
                 self.record = json.load(f)
+            missing = {"settings", "checkpoint", "saving"} - set(self.record)
+            need(not missing, f"no {', '.join(sorted(missing))}")
             saved, done = self.record["settings"], self.record["checkpoint"] or "no checkpoint"
-            self.record["saving"]  # noqa: B018 (all three keys, or it is damaged)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{self.own(RUN_FILE)} is damaged ({first_line(e)})") from None
         need(resume, f"{path} holds a run of brain.py ({done}): pass --resume to go on, or choose "
@@ -1287,8 +1289,10 @@ class ModelRun:
             fits = 0 if fits >= cfg.prompts_per_step * cfg.n_samples else fits  # 0: all at once
             self.cfg = replace(cfg, micro_batch=fits)
         self.sft, self.tokenizer = frozen(sft.to(device)), tok  # frozen() copies: sft is free
-        resumed = self.resume_from and load_pretrained(self.resume_from, False, remote, True)[0]
-        self.model = (resumed if self.resume_from else sft).to(device).requires_grad_(True)
+        policy = sft  # the policy starts at the SFT model, or at the checkpoint's weights
+        if self.resume_from:
+            policy = load_pretrained(self.resume_from, False, remote, True)[0]
+        self.model = policy.to(device).requires_grad_(True)
         if self.n_procs > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
