@@ -141,29 +141,44 @@ def check_scores(**named):
         raise ValueError(f"shapes differ: { {k: tuple(x.shape) for k, x in named.items()} }")
 
 
-# [I.3] The BRAIn loss and its self-normalised baseline (paper §4, Theorem 4.2; authors' code) -----
+# [I.3] The BRAIn update and its self-normalised baseline (paper §4, Theorem 4.2; authors' code) ---
+#    An estimator of this family ascends sum_i w_i grad log q_theta(y_i) with weights w held
+#    constant: descending the surrogate -sum_i w_i log q_theta(y_i) does exactly that. BRAIn's
+#    weights are alpha_hat_i - beta_hat_i; sum_i beta_hat_i grad log q_theta(y_i), the
+#    self-normalised baseline, estimates E_q[grad log q_theta] = 0 from the same samples.
+def surrogate_loss(weights, policy_logp):
+    """-sum_i w_i log q_theta(y_i), averaged over prompts, w held constant: its gradient is the
+    estimator's (negated, for descent). Its value is no divergence and means nothing alone."""
+    return -(weights.detach() * policy_logp).sum(-1).mean()
+
+
 def brain_loss(policy_logp, proposal_logp, target_logp):
-    """L = KL(alpha_hat || beta_hat(theta)), averaged over prompts; differentiable through
-    policy_logp only. (authors' code) The ascent direction is sum_i (alpha_hat_i - beta_hat_i)
-    grad log q_theta(y_i); sum_i beta_hat_i grad log q_theta(y_i), the self-normalised baseline,
-    estimates E_q[grad log q] = 0. (ours) Written as a loss: with alpha_hat held constant,
-        -grad KL(alpha_hat || beta_hat) = sum_i alpha_hat_i grad log beta_hat_i
-                                        = sum_i (alpha_hat_i - beta_hat_i) grad log q_theta(y_i).
-    (paper, Theorem 4.2) This gradient is unbiased for the self-normalised KL
-    E[KL(alpha_hat || beta_hat)], which is 0 if and only if q_theta is the posterior."""
+    """(authors' code) The ascent direction sum_i (alpha_hat_i - beta_hat_i) grad log q_theta(y_i),
+    averaged over prompts. (paper, Theorem 4.2) Biased for grad KL(posterior || q_theta), it is
+    unbiased for the gradient of the self-normalised KL E[KL(alpha_hat || beta_hat)], which is 0
+    if and only if q_theta is the posterior (self_normalised_kl: the same gradient)."""
     check_scores(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
+    target = alpha_hat(target_logp, proposal_logp)
+    baseline = beta_hat(policy_logp, proposal_logp)  # the self-normalised baseline's weights
+    return surrogate_loss(target - baseline, policy_logp)
+
+
+def self_normalised_kl(policy_logp, proposal_logp, target_logp):
+    """KL(alpha_hat || beta_hat(theta)), averaged over prompts, alpha_hat held constant (ours: the
+    update as a divergence). Its gradient is brain_loss's, since grad log beta_hat_i =
+    grad log q_theta(y_i) - sum_j beta_hat_j grad log q_theta(y_j) and sum_i alpha_hat_i = 1."""
     log_a = log_alpha_hat(target_logp.detach(), proposal_logp.detach())  # a constant
     log_b = log_beta_hat(policy_logp, proposal_logp.detach())
     kl_terms = log_a.exp() * (log_a - log_b)  # where alpha_hat_i = 0 exactly, the term is 0
     return torch.where(log_a == -math.inf, 0.0, kl_terms).sum(-1).mean()
 
 
-# [I.4] Connections (paper §5). The same samples and the same alpha_hat; only the baseline differs:
-#      DPG    weight alpha_hat_i                (no baseline; Khalifa et al. 2021)
-#      GDC++  weight alpha_hat_i - b_i / n      (unnormalised baseline; Korbak et al. 2022)
-#      BRAIn  weight alpha_hat_i - beta_hat_i   (self-normalised baseline)
-#    DPG's and GDC++'s losses are -sum_i w_i log q_theta(y_i) with w held constant, so their
-#    gradients are the estimators; the loss values are not comparable across methods.
+# [I.4] Connections (paper §5). The same samples, the same surrogate and the same alpha_hat; only
+#    the baseline differs (the weights on log q_theta(y_i)):
+#      DPG    alpha_hat_i                (no baseline; Khalifa et al. 2021)
+#      GDC++  alpha_hat_i - b_i / n      (unnormalised baseline; Korbak et al. 2022)
+#      BRAIn  alpha_hat_i - beta_hat_i   (self-normalised baseline)
+#    DPO and RLOO, below, have other targets; every loss value is its own unit.
 def target_weights(proposal_logp, target_logp, log_z=None):
     """alpha_hat (Z estimated from the same samples), or, when log Z(x) is given (known, or a
     running estimate), the plain importance weights exp(log p~ - log Z - log q') / n."""
@@ -179,23 +194,21 @@ def target_weights(proposal_logp, target_logp, log_z=None):
 
 
 def dpg_loss(policy_logp, proposal_logp, target_logp, log_z=None):
-    """DPG, "BRAIn without baseline": ascent direction sum_i w_i grad log q_theta(y_i), with
-    w = alpha_hat, or the plain importance weights when log_z is given. (Khalifa et al., ICLR
-    2021, §2.3; authors' code)"""
+    """DPG, "BRAIn without baseline": weights alpha_hat, or the plain importance weights when
+    log_z is given (Khalifa et al., ICLR 2021, §2.3; authors' code)."""
     check_scores(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
-    w = target_weights(proposal_logp.detach(), target_logp.detach(), log_z)
-    return -(w * policy_logp).sum(-1).mean()
+    target = target_weights(proposal_logp, target_logp, log_z)
+    return surrogate_loss(target, policy_logp)
 
 
 def gdcpp_loss(policy_logp, proposal_logp, target_logp, log_z=None):
-    """GDC++: ascent direction sum_i (w_i - b_i / n) grad log q_theta(y_i), b_i = q_theta(y_i) /
-    q'(y_i) unnormalised (Korbak et al., NeurIPS 2022, Alg. 1; authors' code). On-policy b_i = 1
-    and beta_hat_i = 1/n, so it equals BRAIn; off-policy it does not."""
+    """GDC++: weights alpha_hat_i - b_i / n, b_i = q_theta(y_i) / q'(y_i) unnormalised (Korbak et
+    al., NeurIPS 2022, Alg. 1; authors' code). On-policy b_i = 1 and beta_hat_i = 1/n, so it
+    equals BRAIn; off-policy it does not."""
     check_scores(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
-    proposal_logp, target_logp = proposal_logp.detach(), target_logp.detach()
-    w = target_weights(proposal_logp, target_logp, log_z)
-    b = torch.exp(policy_logp.detach() - proposal_logp)
-    return -((w - b / policy_logp.shape[-1]) * policy_logp).sum(-1).mean()
+    target = target_weights(proposal_logp, target_logp, log_z)
+    baseline = torch.exp(policy_logp - proposal_logp) / policy_logp.shape[-1]  # b_i / n
+    return surrogate_loss(target - baseline, policy_logp)
 
 
 def dpo_loss(policy_logp, ref_logp, reward, beta=1.0, labels="argmax", coin=None):
@@ -294,8 +307,9 @@ def sample_completions(
     """Draw one completion per row exactly from the model: temperature 1, no top-k or top-p (ours:
     any truncation would make the importance weights wrong); batched, with the KV cache. Takes
     (N, P) left-padded prompts; returns the completions (N, T), their mask (1 up to and including
-    the first EOS) and log q(y|x) of each (N,), in fp32: the proposal needs no second pass. Token t
-    of row i inverts the CDF at uniforms[i, t] (default: numbers from the global generator)."""
+    the first EOS) and log q(y|x) of each (N,), in fp32 (in fp32 on the CPU this is the proposal's
+    score; under bf16 on CUDA it is rescored). Token t of row i inverts the CDF at uniforms[i, t]
+    (default: numbers from the global generator)."""
     n, device = prompt_ids.shape[0], prompt_ids.device
     eos = eos_tensor(eos_token_id, device)
     pad = int(eos[0]) if pad_token_id is None else pad_token_id
@@ -336,8 +350,9 @@ def join(prompt_ids, prompt_mask, completion_ids, completion_mask):
 
 
 # [I.6] Training (ours: choices that the paper leaves open) ---------------------------------------
-#    Per step: B prompts -> n samples of each from the proposal q' (the SFT model, the policy, or a
-#    copy refreshed every K steps) -> scores without gradients -> the method's loss -> Adam step.
+#    One step: refresh q' (every K steps) -> sample B prompts x n completions from q' and score them
+#    without gradients -> the policy's log-probs of the same samples -> the method's loss ->
+#    backward -> Adam step. Scores are (B, n): B prompts (rows), n samples of each (columns).
 def seed_everything(seed):  # the one place where the global generators are seeded
     random.seed(seed)
     torch.manual_seed(seed)
@@ -360,16 +375,33 @@ def progress(iterable, desc, **kwargs):  # a bar on a terminal only (none in a l
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=off, **kwargs)
 
 
-def score_batch(cfg, proposal, sft, task, generator, shard=slice(None)):
-    """Draw B prompts from `generator`, sample n completions of each from the proposal and score
-    them, without gradients. Returns the joined [prompt | completion] sequences (B*n rows) and the
-    proposal's log-probs, the SFT model's and the rewards, each (B, n). `shard`: the prompts of
-    the global batch that this process keeps (several processes: Part II, torchrun)."""
+@dataclass
+class Batch:
+    """One step's samples, scored without gradients: B prompts, n completions of each."""
+
+    seqs: tuple  # [prompt | completion]: input_ids, attention_mask, completion_mask, (B*n, L)
+    proposal_logp: torch.Tensor  # log q'(y_i|x), (B, n)
+    sft_logp: torch.Tensor  # log p_sft(y_i|x), (B, n)
+    reward: torch.Tensor  # r(x, y_i), (B, n)
+    coin: torch.Tensor  # (B,) uniforms: DPO's Bradley-Terry labels (dpo_loss, labels="bt")
+
+    def prompts(self, rows):
+        """The batch of prompts rows.start..rows.stop, with their samples (a micro-batch)."""
+        n = self.reward.shape[-1]
+        seqs = tuple(t[rows.start * n : rows.stop * n] for t in self.seqs)
+        return Batch(seqs, self.proposal_logp[rows], self.sft_logp[rows], self.reward[rows],
+                     self.coin[rows])  # fmt: skip
+
+
+def sample_and_score(cfg, proposal, sft, task, generator, share=slice(None)):
+    """Draw B prompts from `generator`, n completions of each from the proposal, and score them,
+    without gradients. `share`: the prompts of the batch that this process keeps (all of them,
+    but with several processes)."""
     B, n, T, device = cfg.prompts_per_step, cfg.n_samples, task.max_new_tokens, generator.device
     with torch.no_grad(), autocast(device):
         prompt_idx = torch.randint(len(task.prompt_ids), (B,), device=device, generator=generator)
         uniforms = torch.rand(B, n, T, device=device, generator=generator)
-        prompt_idx, uniforms = prompt_idx[shard], uniforms[shard].reshape(-1, T)
+        prompt_idx, uniforms = prompt_idx[share], uniforms[share].reshape(-1, T)
         x = task.prompt_ids[prompt_idx].repeat_interleave(n, 0)
         xm = task.prompt_mask[prompt_idx].repeat_interleave(n, 0)
         y, ym, proposal_logp = sample_completions(
@@ -383,15 +415,15 @@ def score_batch(cfg, proposal, sft, task, generator, shard=slice(None)):
         reward = task.reward(x, xm, y, ym).float()
     if not torch.isfinite(reward).all():
         raise ValueError("the reward function returned NaN or inf")
-    return seqs, *(t.view(-1, n) for t in (proposal_logp, sft_logp, reward))
+    coin = torch.rand(B, device=device, generator=generator)[share]
+    return Batch(seqs, *(t.view(-1, n) for t in (proposal_logp, sft_logp, reward)), coin)
 
 
-def check_finite(step, scores, beta):
+def check_finite(step, policy_logp, batch, beta):
     """Stop before a non-finite score reaches the weights, naming the likely flag (ours)."""
-    policy_logp, _, sft_logp, reward = scores
     if not torch.isfinite(policy_logp).all():
         what = "the policy's log-probs (its weights diverged: try a smaller --lr)"
-    elif not (log_posterior(sft_logp, reward, beta) < math.inf).all():
+    elif not (log_posterior(batch.sft_logp, batch.reward, beta) < math.inf).all():
         what = "the posterior's log-weights log p_sft + r/beta (try a larger --beta)"
     else:
         return
@@ -399,9 +431,9 @@ def check_finite(step, scores, beta):
 
 
 def setup(cfg, sft, policy, state):
-    """The policy (and the model that wraps it for several processes, DDP), the proposal, Adam,
-    the sample stream and the first step: 0, or a checkpoint's, whose plain-data `state` (step,
-    optimizer, sample stream, refreshed proposal; Part II saves it) makes the resume exact."""
+    """The policy (and `model`, the policy or the wrapper that trains it on several processes), the
+    proposal, Adam, the sample stream and the first step: 0, or that of `state`, a checkpoint's
+    plain data (step, optimizer, sample stream, refreshed proposal), which makes a resume exact."""
     model = copy.deepcopy(sft) if policy is None else policy  # perhaps wrapped (DDP)
     policy = getattr(model, "module", model).eval().requires_grad_(True)  # eval: no dropout
     K, device = cfg.refresh_every, next(sft.parameters()).device
@@ -418,89 +450,45 @@ def setup(cfg, sft, policy, state):
 def train(cfg, sft, task, policy=None, state=None, on_step=None):
     """Train `policy` (default: a copy of `sft`) with cfg.method on `task` and return it. `task`:
     prompt_ids, prompt_mask (left-padded), max_new_tokens, eos_id, pad_id and reward(x, x_mask,
-    y, y_mask) -> (N,). Part II hands in a policy wrapped in DDP, a checkpoint's `state` and
-    on_step(step, state of the loop) to log, checkpoint or stop after each step."""
+    y, y_mask) -> (N,). The caller may hand in a policy wrapped for several processes, a
+    checkpoint's `state`, and on_step(step, **values of the step) to log, save or stop."""
     model, policy, proposal, opt, stream, start = setup(cfg, sft, policy, state)
-    K, n, device = cfg.refresh_every, cfg.n_samples, stream.device
-    procs, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    B = cfg.prompts_per_step // procs  # several processes: each takes B prompts of every batch
-    shard = slice(rank * B, (rank + 1) * B)
-    chunk = max(1, cfg.micro_batch // n) if cfg.micro_batch else B  # prompts per micro-batch
+    B, n, K, device = cfg.prompts_per_step, cfg.n_samples, cfg.refresh_every, stream.device
+    # several processes (torchrun): each samples and learns from its share of every batch's prompts
+    rank, procs = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    share, B = slice(rank * B // procs, (rank + 1) * B // procs), B // procs
+    per_pass = max(1, cfg.micro_batch // n) if cfg.micro_batch else B  # prompts per micro-batch
     for step in (bar := progress(range(start, cfg.steps), "train", initial=start, total=cfg.steps)):
-        if K > 1 and step % K == 0:  # (ours) refresh the proposal (K = 1: it is the policy)
+        if K > 1 and step % K == 0:  # (ours) q' := a copy of the policy (K = 1: the policy itself)
             proposal.load_state_dict(policy.state_dict())
-        # ALGO LOGIC: B prompts, n samples of each from q', scored without gradients ([I.5], [I.6])
-        seqs, proposal_logp, sft_logp, reward = score_batch(cfg, proposal, sft, task, stream, shard)
-        coin = torch.rand(cfg.prompts_per_step, device=device, generator=stream)[shard]  # DPO bt
+        batch = sample_and_score(cfg, proposal, sft, task, stream, share)  # no gradients
         opt.zero_grad(set_to_none=True)
-        loss, logps = 0.0, []
-        for p in range(0, B, chunk):  # micro-batches of whole prompts (one by default): exact
-            rows, cols = slice(p, p + chunk), slice(p * n, (p + chunk) * n)
-            if procs > 1:  # DDP: average the gradients across processes once, after the last
-                model.require_backward_grad_sync = p + chunk >= B
+        loss, policy_logp = 0.0, []
+        for p in range(0, B, per_pass):  # micro-batches of whole prompts (one pass by default)
+            part = batch.prompts(slice(p, p + per_pass))
+            if procs > 1:  # DDP averages the gradients across processes after the last pass
+                model.require_backward_grad_sync = p + per_pass >= B
             with autocast(device):
-                policy_logp = sequence_logprobs(model, *(t[cols] for t in seqs), task.eos_id)
-            scores = (policy_logp.view(-1, n), proposal_logp[rows], sft_logp[rows], reward[rows])
-            check_finite(step, scores, cfg.beta)
-            part = method_loss(cfg.method, *scores, cfg.beta, cfg.dpo_labels, coin[rows])
-            (part * len(scores[0]) / B).backward()  # the loss is a mean over the B prompts
-            loss, logps = loss + part.detach() * len(scores[0]) / B, logps + [scores[0].detach()]
+                logp = sequence_logprobs(model, *part.seqs, task.eos_id).view(-1, n)
+            check_finite(step, logp, part, cfg.beta)
+            part_loss = method_loss(cfg.method, logp, part.proposal_logp, part.sft_logp,
+                                    part.reward, cfg.beta, cfg.dpo_labels, part.coin)  # fmt: skip
+            (part_loss * len(logp) / B).backward()  # the loss is a mean over the B prompts
+            loss, policy_logp = loss + part_loss.detach() * len(logp) / B, [*policy_logp, logp]
         opt.step()
+        policy_logp = torch.cat(policy_logp).detach()  # (B, n), for the bar and on_step
         if step % 10 == 0 or step == cfg.steps - 1:  # .item() waits for the device: not each step
-            bar.set_postfix(loss=f"{loss.item():.3f}", reward=f"{reward.mean().item():+.2f}")
-        if on_step:  # Part II reads the loop's state: policy, proposal, opt, stream, loss, ...
-            on_step(step + 1, locals())
+            # the policy's expected reward, estimated with its own weights beta_hat (ours)
+            reward = (beta_hat(policy_logp, batch.proposal_logp) * batch.reward).sum(-1).mean()
+            bar.set_postfix(loss=f"{loss.item():.3f}", reward=f"{reward.item():+.2f}")
+        if on_step:
+            on_step(step + 1, policy=policy, proposal=proposal, opt=opt, stream=stream, bar=bar,
+                    batch=batch, policy_logp=policy_logp, loss=loss)  # fmt: skip
     bar.close()
     return policy
 
 
-# [I.7] Evaluation: exact, by enumerating every completion of every prompt (the embedded world) ----
-#    KL(posterior || policy): how well the policy amortises the posterior (0 is perfect);
-#    KL(policy || SFT) and E_policy[r]: the two axes of the reward-KL frontier.
-def enumerate_logprobs(model, world, device, grad=False):
-    """log q(y|x) of every completion y of every prompt x, a (prompts, completions) table. One
-    forward pass over the 1,000 longest prefixes of a prompt gives the next-token distribution at
-    every node of the completion tree (a causal LM reads a prefix the same whatever follows); a
-    completion's log-prob sums its tokens' along its path. grad=True keeps the graph."""
-    model = model.eval()
-    prefixes = world.prefix_ids.to(device)
-    rows, depth = world.path_rows.to(device), torch.arange(world.max_new_tokens, device=device)
-    completion_mask = world.completion_mask.to(device).bool()
-    table = []
-    for p in range(len(world.prompt_ids)):
-        x = world.prompt_ids[p : p + 1].to(device).expand(len(prefixes), -1)
-        ids = torch.cat([x, prefixes], dim=1)
-        attn = torch.ones_like(ids)  # the toy prompts have no padding
-        with torch.set_grad_enabled(grad), autocast(device):
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
-        next_logp = torch.log_softmax(logits[:, x.shape[1] - 1 :].float(), dim=-1)  # (rows, d, V)
-        token_logp = next_logp[rows, depth, world.completion_ids.to(device)]  # (completions, d)
-        table.append(torch.where(completion_mask, token_logp, torch.zeros_like(token_logp)).sum(-1))
-    return torch.stack(table).cpu()
-
-
-def kl(log_p, log_q):
-    """KL(p || q) per row, from two tables of normalised log-probs over the same completions."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
-
-
-def posterior_table(log_sft, reward, beta):
-    """The exact posterior, normalised over all completions (Z computed: here only)."""
-    return torch.log_softmax(log_posterior(log_sft, reward, beta), dim=-1)
-
-
-def exact_metrics(log_q, log_sft, log_post, reward):
-    """Exact metrics of a distribution (a table of log-probs), averaged over prompts."""
-    return {
-        "reward": (log_q.exp() * reward).sum(-1).mean().item(),
-        "kl_policy_sft": kl(log_q, log_sft).mean().item(),
-        "kl_posterior_policy": kl(log_post, log_q).mean().item(),
-        "kl_policy_posterior": kl(log_q, log_post).mean().item(),
-    }
-
-
-# The embedded toy world (not part of the method; ours) --------------------------------------------
+# [I.7] The embedded toy world (not part of the method; ours) --------------------------------------
 #    Prompts "the <thing> was", completions of up to 4 words from a 10-word vocabulary, or EOS
 #    ("."): 1 + 10 + 100 + 1000 + 10000 = 11,111 completions per prompt, few enough to enumerate.
 #    A tiny GPT-2 (from a config, no download) learns a corpus of little reviews as the SFT prior;
@@ -534,7 +522,10 @@ def review_reward(words):
 
 
 class ToyLM(torch.nn.Module):
-    """A tiny GPT-2 whose next token is a completion token: every completion is enumerable."""
+    """A tiny GPT-2 whose next token is always a completion token (EOS or one of the 10 words):
+    its logits are -inf elsewhere, so at every prefix the 11 completion tokens' probabilities sum
+    to 1. A completion ends at its EOS or after 4 words, so the 11,111 completions are the leaves
+    of a tree with these sums at its nodes: their probabilities sum to 1 for every prompt."""
 
     def __init__(self, vocab_size, num_completion_tokens, eos_id):
         super().__init__()
@@ -556,7 +547,7 @@ class ToyLM(torch.nn.Module):
 
 
 class ToyWorld:
-    """The prompts, the reward and the enumerated completions (the SFT corpus: below)."""
+    """The prompts, the reward and every completion, enumerated (the SFT corpus: below)."""
 
     def __init__(self, device):
         self.vocab, self.index = VOCAB, {w: i for i, w in enumerate(VOCAB)}
@@ -570,17 +561,6 @@ class ToyWorld:
         comps = [list(c) for m in range(T + 1) for c in itertools.product(range(1, k), repeat=m)]
         self.completion_ids = torch.tensor([(c + [self.eos_id] * T)[:T] for c in comps])
         self.completion_mask = torch.tensor([[int(t <= len(c)) for t in range(T)] for c in comps])
-        # Exact evaluation: every 3-word prefix (row r: the digits of r, word id = digit + 1) and,
-        # per completion and depth d, a row that starts with its first d words. "good fun ." =
-        # [1, 3, 0, 0] -> rows [0, 0, 20, 20]: row 20, "good fun good", gives p(. | good fun).
-        self.prefix_ids = torch.tensor(
-            list(itertools.product(range(1, k), repeat=MAX_NEW_TOKENS - 1))
-        )
-        digits = (self.completion_ids - 1).clamp(min=0)[:, : MAX_NEW_TOKENS - 1]
-        place = (k - 1) ** torch.arange(MAX_NEW_TOKENS - 2, -1, -1)
-        self.path_rows = torch.stack(
-            [(digits[:, :d] * place[:d]).sum(-1) for d in range(MAX_NEW_TOKENS)], dim=1
-        )
         rewards = torch.tensor([review_reward([VOCAB[t] for t in c]) for c in comps])
         self.reward_table = rewards.expand(len(self.prompts), -1).contiguous()  # (prompts, comps)
 
@@ -654,6 +634,70 @@ def pretrain_sft(world, cfg, device):
         nll.backward()
         opt.step()
     return frozen(model)
+
+
+# [I.8] Evaluation: exact, by enumerating every completion of every prompt (the embedded world) ----
+#    KL(posterior || policy): how well the policy amortises the posterior (0 is perfect);
+#    KL(policy || SFT) and E_policy[r]: the two axes of the reward-KL frontier.
+def completion_tree(world):
+    """The rows of one forward pass that scores every completion, and where each reads its tokens.
+    A causal LM's distribution after a prefix does not depend on what follows it, so one pass over
+    every 3-word sequence (10^3 rows; row r holds the word ids "the digits of r, plus 1") gives
+    p(next token | prompt, prefix) after each of its prefixes of 0..3 words, at depth d = 0..3.
+    Token d of completion c is read at row path_rows[c, d], a row whose first d words are c's.
+    Worked example, "good fun ." = ids [1, 3, 0, 0] (EOS is 0), digits [0, 2, 0]:
+      d = 0  p(good | x)           any row will do:              row 0, "good good good"
+      d = 1  p(fun | x good)       a row that starts "good":     row 0
+      d = 2  p(. | x good fun)     a row that starts "good fun": row 20, "good fun good"
+      d = 3  after the EOS: masked out (completion_mask), read anywhere: row 20"""
+    k, T = len(COMPLETION_WORDS), world.max_new_tokens
+    prefix_ids = torch.tensor(list(itertools.product(range(1, k + 1), repeat=T - 1)))
+    digits = (world.completion_ids - 1).clamp(min=0)[:, : T - 1]
+    place = k ** torch.arange(T - 2, -1, -1)  # 100, 10, 1
+    path_rows = torch.stack([(digits[:, :d] * place[:d]).sum(-1) for d in range(T)], dim=1)
+    return prefix_ids, path_rows
+
+
+def enumerate_logprobs(model, world, device, grad=False):
+    """log q(y|x) of every completion y of every prompt x, a (prompts, completions) table: one
+    forward pass a prompt over completion_tree's rows; a completion's log-prob sums its tokens'
+    along its path, up to and including its EOS. grad=True keeps the graph (exact gradients)."""
+    model = model.eval()
+    prefixes, rows = (t.to(device) for t in completion_tree(world))
+    depth = torch.arange(world.max_new_tokens, device=device)
+    completion_mask = world.completion_mask.to(device).bool()
+    table = []
+    for p in range(len(world.prompt_ids)):
+        x = world.prompt_ids[p : p + 1].to(device).expand(len(prefixes), -1)
+        ids = torch.cat([x, prefixes], dim=1)
+        attn = torch.ones_like(ids)  # the toy prompts have no padding
+        with torch.set_grad_enabled(grad), autocast(device):
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
+        next_logp = torch.log_softmax(logits[:, x.shape[1] - 1 :].float(), dim=-1)  # (rows, d, V)
+        token_logp = next_logp[rows, depth, world.completion_ids.to(device)]  # (completions, d)
+        table.append(torch.where(completion_mask, token_logp, torch.zeros_like(token_logp)).sum(-1))
+    return torch.stack(table).cpu()
+
+
+def kl(log_p, log_q):
+    """KL(p || q) per row, from two tables of normalised log-probs over the same completions."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def posterior_table(log_sft, reward, beta):
+    """The exact posterior, normalised over all completions (Z computed: here only)."""
+    return torch.log_softmax(log_posterior(log_sft, reward, beta), dim=-1)
+
+
+def exact_metrics(log_q, log_sft, log_post, reward):
+    """Exact metrics of a distribution (a table of log-probs), averaged over prompts."""
+    return {
+        "reward": (log_q.exp() * reward).sum(-1).mean().item(),
+        "kl_policy_sft": kl(log_q, log_sft).mean().item(),
+        "kl_posterior_policy": kl(log_post, log_q).mean().item(),
+        "kl_policy_posterior": kl(log_q, log_post).mean().item(),
+    }
 
 
 def samples_of(world, model, device, prompts=(0, 5), k=2):
@@ -760,12 +804,14 @@ def estimator_gradients(cfg, policy, proposal, sft, task, variants, batches, gen
     """{variant: (batches, num_params)}: each estimator's gradient on the same fresh batches."""
     params, grads = [p for p in policy.parameters() if p.requires_grad], {v: [] for v in variants}
     for _ in range(batches):
-        seqs, *scores = score_batch(cfg, proposal, sft, task, generator)
-        coin = torch.rand(cfg.prompts_per_step, device=generator.device, generator=generator)
+        b = sample_and_score(cfg, proposal, sft, task, generator)
         with autocast(generator.device):
-            policy_logp = sequence_logprobs(policy, *seqs, task.eos_id).view(-1, cfg.n_samples)
+            policy_logp = sequence_logprobs(policy, *b.seqs, task.eos_id).view(-1, cfg.n_samples)
+        scores = b.proposal_logp, b.sft_logp, b.reward
         for v in variants:
-            loss = method_loss(VARIANTS[v][0], policy_logp, *scores, cfg.beta, VARIANTS[v][1], coin)
+            loss = method_loss(
+                VARIANTS[v][0], policy_logp, *scores, cfg.beta, VARIANTS[v][1], b.coin
+            )
             g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
             g = [torch.zeros_like(p) if x is None else x for x, p in zip(g, params, strict=True)]
             grads[v].append(torch.cat([x.reshape(-1) for x in g]))
@@ -832,7 +878,7 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_eve
 
             t0, policy = time.time(), copy.deepcopy(sft).requires_grad_(True)
             measure(0, policy, sft if K == 0 else policy if K == 1 else frozen(policy))
-            on_step = lambda s, loop: measure(s, loop["policy"], loop["proposal"])  # noqa: E731
+            on_step = lambda s, policy, proposal, **_: measure(s, policy, proposal)  # noqa: E731
             train(run_cfg, sft, world, policy, None, on_step)
             record["wall_s"] = time.time() - t0 - record.pop("hook_s")  # training alone
             record["final"] = {k: x for k, x in record["curve"][-1].items() if k != "step"}
@@ -1216,23 +1262,25 @@ def setup_distributed(cfg):
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def step_diagnostics(cfg, loop, stop, n_procs):
+def step_diagnostics(cfg, batch, policy_logp, loss, stop, n_procs):
     """A step's figures from what it computed anyway (no extra forward pass), averaged over the
-    prompts and the processes: the loss; the samples' mean reward and spread; a self-normalised
-    KL(policy || SFT), sum_i beta_hat_i (log q_theta(y_i) - log p_sft(y_i)), on the proposal's
-    samples; the effective sample size (ESS) of alpha_hat, 1 / sum_i alpha_hat_i^2, over n."""
-    pol, prop, sft, reward = (loop[k] for k in ("logps", "proposal_logp", "sft_logp", "reward"))
-    pol = torch.cat(pol)
+    prompts and the processes: the loss; the samples' mean reward and spread; the policy's expected
+    reward sum_i beta_hat_i r_i and a KL(policy || SFT), sum_i beta_hat_i (log q_theta(y_i) -
+    log p_sft(y_i)), both self-normalised estimates on the proposal's samples; the effective
+    sample size (ESS) of alpha_hat, 1 / sum_i alpha_hat_i^2, over n."""
+    prop, sft, reward = batch.proposal_logp, batch.sft_logp, batch.reward
     log_a = log_alpha_hat(log_posterior(sft, reward, cfg.beta), prop)
-    kl_sn = (log_beta_hat(pol, prop).exp() * (pol - sft)).sum(-1).mean()
+    b_hat = beta_hat(policy_logp, prop)
+    kl_sn, r_policy = (b_hat * (policy_logp - sft)).sum(-1).mean(), (b_hat * reward).sum(-1).mean()
     ess = (1 / log_a.exp().pow(2).sum(-1)).mean() / cfg.n_samples
-    stats = torch.stack([loop["loss"], reward.mean(), reward.pow(2).mean(), kl_sn, ess, stop])
+    stats = torch.stack([loss, reward.mean(), reward.pow(2).mean(), r_policy, kl_sn, ess, stop])
     if n_procs > 1:  # the global batch's averages, not this process's
         dist.all_reduce(stats)
         stats /= n_procs
-    loss, r, r2, kl_sn, ess, stop = stats.tolist()
+    loss, r, r2, r_policy, kl_sn, ess, stop = stats.tolist()
     spread = max(r2 - r * r, 0.0) ** 0.5
-    return dict(loss=loss, reward=r, reward_std=spread, kl=kl_sn, ess=ess, stop=stop > 0)
+    return dict(loss=loss, reward=r, reward_std=spread, reward_policy=r_policy, kl=kl_sn, ess=ess,
+                stop=stop > 0)  # fmt: skip
 
 
 class ModelRun:
@@ -1297,20 +1345,20 @@ class ModelRun:
             ids = [device.index] if device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
-    def after_step(self, step, loop):
+    def after_step(self, step, policy, proposal, opt, stream, bar, batch, policy_logp, loss):
         """Log, evaluate, checkpoint, stop: all after a whole step (train's on_step)."""
         cfg, folder, K = self.cfg, self.folder, self.cfg.refresh_every
         stop = torch.tensor(float(self.asked["stop"]), device=self.device)
-        stats = step_diagnostics(cfg, loop, stop, self.n_procs)
+        stats = step_diagnostics(cfg, batch, policy_logp, loss, stop, self.n_procs)
         if self.rank == 0:
-            grads = [p.grad.norm() for p in loop["policy"].parameters() if p.grad is not None]
+            grads = [p.grad.norm() for p in policy.parameters() if p.grad is not None]
             now, self.last_eval = time.time(), None
             source = "sft" if K == 0 else "policy" if K == 1 else f"policy, refreshed every {K}"
             stats.update(samples_from=source, grad_norm=torch.stack(grads).norm().item())
             stats.update(step_s=round(now - self.step_t, 3), seconds=round(now - self.t0, 3))
-            loop["bar"].set_postfix({k: f"{stats[k]:.2f}" for k in ("reward", "kl", "ess")})
+            bar.set_postfix({k: f"{stats[k]:.2f}" for k in ("reward_policy", "kl", "ess")})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                self.last_eval = self.evaluate(loop["policy"])
+                self.last_eval = self.evaluate(policy)
             self.step_t = time.time()  # an evaluation's time is not the step's
             if folder:
                 folder.log({"step": step, **{k: v for k, v in stats.items() if k != "stop"}})
@@ -1319,8 +1367,8 @@ class ModelRun:
                     folder.log({"step": step, "held_out": held_out})
                 due = cfg.save_every and step % cfg.save_every == 0
                 if due or step == cfg.steps or stats["stop"]:
-                    models = loop["policy"], loop["proposal"], self.sft, self.tokenizer
-                    folder.save_checkpoint(step, *models, loop["opt"], loop["stream"])
+                    folder.save_checkpoint(step, policy, proposal, self.sft, self.tokenizer, opt,
+                                           stream)  # fmt: skip
         if stats["stop"] and step < cfg.steps:  # every rank agrees (step_diagnostics)
             if self.n_procs > 1:
                 dist.barrier()  # rank 0 has saved the checkpoint

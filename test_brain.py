@@ -62,7 +62,7 @@ def test_weights_sum_to_one():
         torch.testing.assert_close(w.sum(-1), torch.ones(5))
 
 
-def test_brain_loss_is_kl_between_the_two_softmaxes():
+def test_self_normalised_kl_is_kl_between_the_two_softmaxes():
     g = torch.Generator().manual_seed(2)
     pol, prop, tgt = (torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3))
     expected = 0.0
@@ -73,7 +73,35 @@ def test_brain_loss_is_kl_between_the_two_softmaxes():
         alpha = [math.exp(v) / za for v in la]
         beta = [math.exp(v) / zb for v in lb]
         expected += sum(a * math.log(a / bb) for a, bb in zip(alpha, beta, strict=True)) / 4
-    assert brain.brain_loss(pol, prop, tgt).item() == pytest.approx(expected, rel=1e-10)
+    assert brain.self_normalised_kl(pol, prop, tgt).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_brain_loss_has_the_gradient_of_the_self_normalised_kl():
+    # the surrogate with weights alpha_hat - beta_hat and KL(alpha_hat || beta_hat): one gradient
+    g = torch.Generator().manual_seed(22)
+    pol = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    prop, tgt = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    g_surrogate = torch.autograd.grad(brain.brain_loss(pol, prop, tgt), pol)[0]
+    g_kl = torch.autograd.grad(brain.self_normalised_kl(pol, prop, tgt), pol)[0]
+    torch.testing.assert_close(g_surrogate, g_kl, rtol=1e-12, atol=1e-14)
+    assert g_kl.abs().max() > 1e-3
+
+
+def test_the_three_estimators_differ_only_in_the_baseline():
+    # DPG, GDC++, BRAIn: the gradient of each is -(1/B) sum (alpha_hat - baseline) grad log q,
+    # with baselines 0, b / n and beta_hat: each difference of two is the baselines' difference
+    g = torch.Generator().manual_seed(23)
+    pol = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    prop, tgt = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    grads = {
+        f.__name__: torch.autograd.grad(f(pol, prop, tgt), pol)[0]
+        for f in (brain.dpg_loss, brain.gdcpp_loss, brain.brain_loss)
+    }
+    lb = (pol - prop).detach()
+    b_over_n, b_hat = lb.exp() / 5, torch.softmax(lb, -1)
+    # d/d log q_i of the surrogate is -w_i / B: DPG minus GDC++ is -(b_i / n) / B, and so on
+    torch.testing.assert_close(grads["dpg_loss"] - grads["gdcpp_loss"], -b_over_n / 3)
+    torch.testing.assert_close(grads["dpg_loss"] - grads["brain_loss"], -b_hat / 3)
 
 
 def test_brain_gradient_is_alpha_minus_beta_times_score():
@@ -119,7 +147,7 @@ def test_brain_loss_takes_a_hard_constraint():
     prop, sft = (torch.randn(2, 5, generator=g, dtype=torch.float64) for _ in range(2))
     ok = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
     target = torch.where(ok, sft, -math.inf)
-    loss = brain.brain_loss(pol, prop, target)
+    loss = brain.self_normalised_kl(pol, prop, target)
     expected = 0.0
     for b in range(2):
         la = (sft[b] - prop[b])[ok[b]]
@@ -130,12 +158,14 @@ def test_brain_loss_takes_a_hard_constraint():
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     loss.backward()
     assert torch.isfinite(pol.grad).all()
+    surrogate_grad = torch.autograd.grad(brain.brain_loss(pol, prop, target), pol)[0]
+    torch.testing.assert_close(surrogate_grad, pol.grad)
 
 
-def test_policy_away_from_posterior_gives_positive_loss():
+def test_policy_away_from_posterior_gives_positive_self_normalised_kl():
     w = categorical(5)
     y = draw(w["proposal"], 3, 6, w["g"])
-    loss = brain.brain_loss(
+    loss = brain.self_normalised_kl(
         torch.log_softmax(w["theta"], -1)[y],
         w["proposal"][y],
         brain.log_posterior(w["sft"][y], w["reward"][y], 1.0),
@@ -161,7 +191,7 @@ def test_brain_with_two_samples_and_argmax_weights_is_dpo():
     # BRAIn with proposal = SFT and alpha_hat one-hot on the winner (beta -> 0: softmax -> argmax)
     one_hot = brain.log_posterior(sft, reward, beta=1e-4)
     assert brain.alpha_hat(one_hot, sft).max(-1).values.min().item() == pytest.approx(1.0)
-    br = brain.brain_loss(pol, sft, one_hot)
+    br = brain.self_normalised_kl(pol, sft, one_hot)
     assert br.item() == pytest.approx(dpo.item(), rel=1e-9)
     g_dpo = torch.autograd.grad(dpo, pol)[0]
     g_brain = torch.autograd.grad(br, pol)[0]
@@ -540,8 +570,8 @@ def test_micro_batches_give_the_one_pass_gradient(method, world_and_sft):
         )
         seen = {}
 
-        def on_step(step, loop):
-            seen["grad"] = torch.cat([p.grad.reshape(-1) for p in loop["policy"].parameters()])
+        def on_step(step, policy, **_):
+            seen["grad"] = torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
 
         brain.train(cfg, sft, world, copy.deepcopy(moved).requires_grad_(True), on_step=on_step)
         grads.append(seen["grad"])
@@ -1397,10 +1427,11 @@ def test_check_finite_names_the_likely_flag(which, flag):
     nan = torch.tensor([[0.0, float("nan")]])
     finite = torch.zeros(1, 2)
     policy, sft = (nan, finite) if which == "policy" else (finite, nan)
+    batch = lambda sft: brain.Batch((), finite, sft, finite, torch.zeros(1))  # noqa: E731
     with pytest.raises(ValueError, match=flag) as e:  # sft + reward / beta is the target
-        brain.check_finite(4, (policy, finite, sft, finite), 1.0)
+        brain.check_finite(4, policy, batch(sft), 1.0)
     assert "step 5" in str(e.value) and "NaN or inf" in str(e.value)
-    brain.check_finite(4, (finite, finite, finite, finite), 1.0)  # finite scores pass
+    brain.check_finite(4, finite, batch(finite), 1.0)  # finite scores pass
 
 
 def test_resume_drops_a_torn_last_metrics_line(two_step_run, tiny_models, tmp_path, capsys):
@@ -1559,7 +1590,13 @@ def test_part_one_names_nothing_of_part_two():
     body = [line for line in ast.get_source_segment(source, train).splitlines()]
     assert len(train.args.args) <= 6 and len(body) <= 40
     step = ast.get_source_segment(source, train)
-    for call in ("score_batch(", "sequence_logprobs(", "method_loss(", ".backward()", "opt.step()"):
+    for call in (
+        "sample_and_score(",
+        "sequence_logprobs(",
+        "method_loss(",
+        ".backward()",
+        "opt.step()",
+    ):
         assert call in step, call  # the whole step, in plain sight
 
 
