@@ -785,10 +785,12 @@ def print_run(results):
 
 # Comparing the estimators on equal footing (python brain.py --compare; our protocol) --------------
 #    Every method trains from the same SFT prior on the same sample stream (seed, prompts, steps,
-#    optimizer, lr, beta). Off-policy (q' = SFT): BRAIn, GDC++, DPG, DPO; on-policy (q' = the
-#    policy): BRAIn against RLOO, RL on the same objective. At fixed steps a policy is frozen and
-#    every estimator of its group is computed on the same fresh batches: the trace of their
-#    covariance is its variance.
+#    Adam, beta), each at its own best lr of LR_GRID, chosen on tuning seeds apart from the
+#    reported ones by its own objective's final exact KL. Off-policy (q' = SFT): BRAIn, GDC++,
+#    DPG, DPO; on-policy (q' = the policy): BRAIn against RLOO. At fixed steps the policy of each
+#    group's first method is frozen, and every estimator of the group is computed there on the
+#    same fresh batches and compared with the exact gradient of its own objective: a gradient's
+#    raw variance is in its loss's units (RLOO's carries beta), the relative figures are not.
 VARIANTS = {  # name -> (method, DPO labels, proposal: None = cfg.refresh_every, 1 = the policy)
     "brain": ("brain", "argmax", None),
     "gdcpp": ("gdcpp", "argmax", None),
@@ -798,6 +800,17 @@ VARIANTS = {  # name -> (method, DPO labels, proposal: None = cfg.refresh_every,
     "brain-on": ("brain", "argmax", 1),
     "rloo": ("rloo", "argmax", 1),
 }
+# Each estimator's objective: RLOO's loss has expected gradient beta grad KL(q || post) = -grad J;
+# BRAIn's, GDC++'s and DPG's estimate grad KL(posterior || q) (biased: alpha_hat's Z is estimated);
+# DPO's expected loss is not enumerable here, so it is held against the forward KL's (cosine).
+OBJECTIVE = {v: "reverse" if VARIANTS[v][0] == "rloo" else "forward" for v in VARIANTS}
+OWN_KL = {"forward": "kl_posterior_policy", "reverse": "kl_policy_posterior"}
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def flat(grads, params):  # one vector from autograd's per-parameter gradients (None: zeros)
+    blocks = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+    return torch.cat([b.reshape(-1) for b in blocks]).float()
 
 
 def estimator_gradients(cfg, policy, proposal, sft, task, variants, batches, generator):
@@ -807,22 +820,41 @@ def estimator_gradients(cfg, policy, proposal, sft, task, variants, batches, gen
         b = sample_and_score(cfg, proposal, sft, task, generator)
         with autocast(generator.device):
             policy_logp = sequence_logprobs(policy, *b.seqs, task.eos_id).view(-1, cfg.n_samples)
-        scores = b.proposal_logp, b.sft_logp, b.reward
         for v in variants:
-            loss = method_loss(
-                VARIANTS[v][0], policy_logp, *scores, cfg.beta, VARIANTS[v][1], b.coin
-            )
+            method, labels, _ = VARIANTS[v]
+            loss = method_loss(method, policy_logp, b.proposal_logp, b.sft_logp, b.reward,
+                               cfg.beta, labels, b.coin)  # fmt: skip
             g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            g = [torch.zeros_like(p) if x is None else x for x, p in zip(g, params, strict=True)]
-            grads[v].append(torch.cat([x.reshape(-1) for x in g]))
-    return {v: torch.stack(g).float() for v, g in grads.items()}
+            grads[v].append(flat(g, params))
+    return {v: torch.stack(g) for v, g in grads.items()}
 
 
-def variance_stats(grads):
-    """Trace of the covariance of K gradient draws (unbiased), and the norm of their mean."""
-    mean = grads.mean(0)
-    return {"trace_cov": ((grads - mean) ** 2).sum().item() / (len(grads) - 1),
-            "mean_norm": mean.norm().item()}  # fmt: skip
+def exact_gradients(policy, world, log_post, beta, device):
+    """The exact gradients of both objectives at `policy`, averaged over the prompts, by
+    enumerating every completion with the graph kept: "forward", grad KL(posterior || q_theta) =
+    -sum_y posterior(y) grad log q_theta(y); "reverse", beta grad KL(q_theta || posterior)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    log_q = enumerate_logprobs(policy, world, device, grad=True)
+    forward = -(log_post.exp() * log_q).sum(-1).mean()  # KL(post || q) less post's entropy
+    reverse = beta * (log_q.exp() * (log_q - log_post)).sum(-1).mean()
+    grad = lambda loss: flat(torch.autograd.grad(loss, params, retain_graph=True), params)  # noqa: E731
+    return {"forward": grad(forward), "reverse": grad(reverse)}
+
+
+def gradient_errors(grads, exact):
+    """K gradients (K, P) of one estimator at one policy against `exact`, its objective's exact
+    gradient g*. Unbiased, per batch: rel_mse = E||g - g*||^2 / ||g*||^2 = rel_bias^2 +
+    rel_noise, with rel_noise = tr Cov(g) / ||g*||^2; cosine(mean g, g*); noise_to_signal =
+    tr Cov(g) / ||E g||^2. A loss scaled by c leaves them all unchanged; trace_cov, the raw
+    variance in the loss's units, is multiplied by c^2."""
+    K, mean, norm2 = len(grads), grads.mean(0), exact.pow(2).sum().item()
+    trace_cov = (grads - mean).pow(2).sum().item() / (K - 1)
+    mse = (grads - exact).pow(2).sum(-1).mean().item() / norm2
+    signal = mean.pow(2).sum().item() - trace_cov / K  # ||E g||^2, unbiased
+    return dict(rel_bias=max(mse - trace_cov / norm2, 0.0) ** 0.5, rel_noise=trace_cov / norm2,
+                rel_mse=mse, cosine=F.cosine_similarity(mean, exact, dim=0).item(),
+                noise_to_signal=trace_cov / signal if signal > 0 else math.inf,
+                trace_cov=trace_cov)  # fmt: skip
 
 
 def brain_gdcpp_gap(cfg, policy, sft, task, generator):
@@ -836,97 +868,170 @@ def brain_gdcpp_gap(cfg, policy, sft, task, generator):
     return gap
 
 
-def compare(cfg, seeds=3, variants=tuple(VARIANTS), curve_every=20, variance_every=50,
-            variance_batches=16, show=True):  # fmt: skip
-    """Train every variant on identical sample streams for `seeds` seeds: exact metrics every
-    curve_every steps, and every variance_every steps its group's estimators' variances there."""
+class Prior:
+    """One seed's embedded world: the SFT prior, the exact tables, exact metrics of a policy."""
+
+    def __init__(self, cfg, seed, device):
+        seed_everything(seed)
+        self.world, self.device = ToyWorld(device), device
+        self.sft = pretrain_sft(self.world, replace(cfg, seed=seed), device)
+        self.log_sft = enumerate_logprobs(self.sft, self.world, device)
+        self.log_post = posterior_table(self.log_sft, self.world.reward_table, cfg.beta)
+
+    def exact(self, log_q):
+        return exact_metrics(log_q, self.log_sft, self.log_post, self.world.reward_table)
+
+    def metrics(self, policy):
+        return self.exact(enumerate_logprobs(policy, self.world, self.device))
+
+
+def variant_cfg(cfg, v, seed, lr):
+    method, labels, K = VARIANTS[v]
+    K = cfg.refresh_every if K is None else K
+    return replace(cfg, method=method, dpo_labels=labels, refresh_every=K, seed=seed, lr=lr)
+
+
+def pick_lrs(cfg, variants, lrs, seeds, device, bar):
+    """Each variant's lr: the smallest mean final exact KL of its own objective over `seeds`
+    (a run that diverges counts as infinite)."""
+    tuning = []
+    for seed in seeds:
+        prior = Prior(cfg, seed, device)
+        for v, lr in itertools.product(variants, lrs):
+            try:
+                policy = train(variant_cfg(cfg, v, seed, lr), prior.sft, prior.world)
+                kl = prior.metrics(policy)[OWN_KL[OBJECTIVE[v]]]
+            except ValueError:  # check_finite: the lr is too large for this method
+                kl = math.inf
+            tuning.append(dict(method=v, seed=seed, lr=lr, own_kl=kl))
+            bar.update()
+    mean = lambda v, lr: np.mean([t["own_kl"] for t in tuning if (t["method"], t["lr"]) == (v, lr)])  # noqa: E731
+    return {v: min(lrs, key=lambda lr: mean(v, lr)) for v in variants}, tuning
+
+
+def compare(cfg, seeds=3, variants=tuple(VARIANTS), lrs=LR_GRID, tune_seeds=1, curve_every=20,
+            error_every=50, batches=16, show=True):  # fmt: skip
+    """Pick each variant's lr on `tune_seeds` seeds (from cfg.seed + 1000; one lr: no tuning),
+    then train every variant at its lr on identical sample streams for `seeds` seeds: exact
+    metrics every curve_every steps; every error_every steps, at the policy of each group's
+    first variant, every estimator's gradient_errors on `batches` fresh batches."""
     cfg.validate()
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or seeds < 1 or variance_batches < 2:
-        need = f"variants of {', '.join(VARIANTS)}, seeds >= 1, variance_batches >= 2"
-        raise ValueError(f"compare needs {need}; got {unknown}, {seeds}, {variance_batches}")
+    if unknown or seeds < 1 or batches < 2 or not lrs or tune_seeds < 1:
+        need = f"variants of {', '.join(VARIANTS)}, seeds >= 1, batches >= 2, lrs, tune_seeds >= 1"
+        raise ValueError(f"compare needs {need}; got {unknown}, {seeds}, {batches}, {lrs}")
     device, runs = pick_device(cfg.device), []
+    tuned = len(lrs) > 1
+    total = (tune_seeds * len(lrs) if tuned else 0) * len(variants) + seeds * len(variants)
+    bar = progress(range(total), "compare: runs")
+    tune_from = range(cfg.seed + 1000, cfg.seed + 1000 + tune_seeds)
+    lr_of, tuning = pick_lrs(cfg, variants, lrs, tune_from, device, bar) if tuned else (
+        dict.fromkeys(variants, lrs[0]), [])  # fmt: skip
     for seed in range(cfg.seed, cfg.seed + seeds):
-        seed_everything(seed)
-        world = ToyWorld(device)
-        sft = pretrain_sft(world, replace(cfg, seed=seed), device)
-        log_sft = enumerate_logprobs(sft, world, device)
-        log_post = posterior_table(log_sft, world.reward_table, cfg.beta)
-        exact = lambda log_q: exact_metrics(log_q, log_sft, log_post, world.reward_table)  # noqa: E731
-        runs += [{"method": "sft", "seed": seed, "final": exact(log_sft)},
-                 {"method": "posterior", "seed": seed, "final": exact(log_post)}]  # fmt: skip
+        prior = Prior(cfg, seed, device)
+        for name, table in (("sft", prior.log_sft), ("posterior", prior.log_post)):
+            runs.append({"method": name, "seed": seed, "final": prior.exact(table)})
         for v in variants:
-            method, labels, K = VARIANTS[v]
-            K = cfg.refresh_every if K is None else K
-            run_cfg = replace(cfg, method=method, dpo_labels=labels, refresh_every=K, seed=seed)
+            run_cfg = variant_cfg(cfg, v, seed, lr_of[v])
             group = [u for u in variants if VARIANTS[u][2] == VARIANTS[v][2]]
-            record = {"method": v, "seed": seed, "curve": [], "variance": [], "hook_s": 0.0}
+            record = {"method": v, "seed": seed, "lr": lr_of[v], "curve": [], "errors": []}
             probe = torch.Generator(device).manual_seed(1_000_003 + seed)  # apart from training
+            t_hook = 0.0
 
             def measure(step, policy, proposal):
+                nonlocal t_hook
                 t, last = time.time(), step == cfg.steps
-                curve, variance = (last or step % k == 0 for k in (curve_every, variance_every))
-                m = exact(enumerate_logprobs(policy, world, device)) if curve or variance else None
-                record["curve"] += [{"step": step, **m}] if curve else []
-                if variance:
-                    inputs = run_cfg, policy, proposal, sft, world, group, variance_batches, probe
-                    var = {u: variance_stats(g) for u, g in estimator_gradients(*inputs).items()}
-                    gap = brain_gdcpp_gap(run_cfg, policy, sft, world, probe)
-                    point = {"kl_policy_sft": m["kl_policy_sft"], "brain_vs_gdcpp": gap}
-                    record["variance"].append({"step": step, **point, "estimators": var})
-                record["hook_s"] += time.time() - t
+                if last or step % curve_every == 0:
+                    record["curve"].append({"step": step, **prior.metrics(policy)})
+                if v == group[0] and (last or step % error_every == 0):
+                    inputs = run_cfg, policy, proposal, sft, prior.world, group, batches, probe
+                    exact = exact_gradients(policy, prior.world, prior.log_post, cfg.beta, device)
+                    errors = {u: gradient_errors(g, exact[OBJECTIVE[u]])
+                              for u, g in estimator_gradients(*inputs).items()}  # fmt: skip
+                    gap = brain_gdcpp_gap(run_cfg, policy, sft, prior.world, probe)
+                    kl_sft = prior.metrics(policy)["kl_policy_sft"]
+                    point = dict(step=step, kl_policy_sft=kl_sft, brain_vs_gdcpp=gap)
+                    record["errors"].append(dict(point, estimators=errors))
+                t_hook += time.time() - t
 
-            t0, policy = time.time(), copy.deepcopy(sft).requires_grad_(True)
+            t0, sft = time.time(), prior.sft
+            policy = copy.deepcopy(sft).requires_grad_(True)
+            K = run_cfg.refresh_every
             measure(0, policy, sft if K == 0 else policy if K == 1 else frozen(policy))
             on_step = lambda s, policy, proposal, **_: measure(s, policy, proposal)  # noqa: E731
-            train(run_cfg, sft, world, policy, None, on_step)
-            record["wall_s"] = time.time() - t0 - record.pop("hook_s")  # training alone
+            train(run_cfg, sft, prior.world, policy, None, on_step)
+            record["wall_s"] = time.time() - t0 - t_hook  # training alone
             record["final"] = {k: x for k, x in record["curve"][-1].items() if k != "step"}
-            record["grad_var"] = record["variance"][-1]["estimators"][v]["trace_cov"]
             runs.append(record)
+            bar.update()
+    bar.close()
     result = {"config": asdict(cfg), "seeds": seeds, "variants": list(variants), "runs": runs,
-              "device": str(device), "variance_batches": variance_batches}  # fmt: skip
+              "lrs": list(lrs), "lr": lr_of, "tuning": tuning, "device": str(device),
+              "batches": batches}  # fmt: skip
     if show:
         print_comparison(result)
     return result
 
 
+def mean_std(xs, spec=".3f"):  # mean +- sample std (ddof = 1) over seeds
+    xs = np.array(xs, dtype=float)
+    return f"{xs.mean():{spec}} +- {xs.std(ddof=1) if len(xs) > 1 else 0.0:{spec}}"
+
+
 def print_comparison(result):
-    """Per group (off-policy, on-policy): the final exact metrics, then variances at one policy."""
+    """Per group (off-policy, on-policy): the lr grid, the final exact metrics at each method's
+    lr, then every estimator's error against its exact gradient at the same frozen policies."""
     cfg, runs, variants = result["config"], result["runs"], result["variants"]
     K, keys = cfg["refresh_every"], ("kl_posterior_policy", "kl_policy_posterior", "kl_policy_sft")
-
-    def cell(name, key, spec=".3f"):  # mean +- sample std (ddof = 1) over seeds
-        xs = np.array([r["final"].get(key, r.get(key)) for r in runs if r["method"] == name])
-        return f"{xs.mean():{spec}} +- {xs.std(ddof=1) if len(xs) > 1 else 0.0:{spec}}"
-
+    final = lambda name, key: [r["final"].get(key, r.get(key)) for r in runs if r["method"] == name]  # noqa: E731
     for on in (False, True):
         group = [v for v in variants if (VARIANTS[v][2] == 1) == on]
         if not group:
             continue
         proposal = "the policy" if on or K == 1 else "SFT" if K == 0 else f"the policy every {K}"
         print(f"\n{'On' if on else 'Off'}-policy (proposal: {proposal}): {cfg['steps']} steps, "
-              f"B = {cfg['prompts_per_step']}, n = {cfg['n_samples']}, lr = {cfg['lr']}, beta = "
-              f"{cfg['beta']}; mean +- std over {result['seeds']} seed(s)")  # fmt: skip
-        rows = [[name, *[cell(name, k) for k in (*keys, "reward")]] for name in ["sft", *group]]
-        for row in rows[1:]:  # the trained ones
-            row += [cell(row[0], "grad_var", ".3g"), cell(row[0], "wall_s", ".1f")]
-        rows.append(["posterior", *[cell("posterior", k) for k in (*keys, "reward")]])
-        head = ["method", "KL(post || .)", "KL(. || post)", "KL(. || SFT)", "E[r]", "grad var"]
-        print_table([*head, "train s"], rows)
-        rows, points = [], [r["variance"] for r in runs if r["method"] == group[0]]  # its policies
+              f"B = {cfg['prompts_per_step']}, n = {cfg['n_samples']}, beta = {cfg['beta']}; "
+              f"mean +- std over {result['seeds']} seed(s)")  # fmt: skip
+        if result["tuning"]:
+            own_kl = lambda v, lr: np.mean([t["own_kl"] for t in result["tuning"]  # noqa: E731
+                                            if (t["method"], t["lr"]) == (v, lr)])  # fmt: skip
+            rows = [[v, *[f"{own_kl(v, lr):.3f}" for lr in result["lrs"]]] for v in group]
+            print("lr grid: the final exact KL of each method's own objective, tuning seed(s)")
+            print_table(["method", *[f"lr {lr:g}" for lr in result["lrs"]]], rows)
+        rows = [["sft", "", *[mean_std(final("sft", k)) for k in (*keys, "reward")], ""]]
+        rows += [[v, f"{result['lr'][v]:g}", *[mean_std(final(v, k)) for k in (*keys, "reward")],
+                  mean_std(final(v, "wall_s"), ".1f")] for v in group]  # fmt: skip
+        rows.append(
+            ["posterior", "", *[mean_std(final("posterior", k)) for k in (*keys, "reward")]]
+        )
+        head = ["method", "lr", "KL(post || .)", "KL(. || post)", "KL(. || SFT)", "E[r]", "train s"]
+        print_table(head, rows)
+        points = [r["errors"] for r in runs if r["method"] == group[0]]  # one list per seed
+        rows = []
         for at in zip(*points, strict=True):  # one step, every seed
-            gap = [a["brain_vs_gdcpp"] for a in at]
-            row = [at[0]["step"], f"{np.mean([a['kl_policy_sft'] for a in at]):.3f}"]
-            row += [f"{np.mean([a['estimators'][v]['trace_cov'] for a in at]):.3g}" for v in group]
-            off = np.mean([g["off_policy_sft"] for g in gap])
-            rows.append([*row, f"{max(g['on_policy'] for g in gap):.1e}", f"{off:.2f}"])
-        print(f"Estimator variance at the same frozen policies ({group[0]}'s; mean over seeds):")
-        print_table(["step", "KL(. || SFT)", *group, "BRAIn-GDC++ gap, on", "off"], rows)
-    print(f"grad var: trace of the covariance of a method's gradient, {result['variance_batches']} "
-          "fresh batches, at its final policy.\ngap: ||g_BRAIn - g_GDC++|| / ||g_BRAIn|| on one "
-          "batch (on: q' = policy, largest over seeds; off: q' = SFT).\nBRAIn, GDC++ and DPG "
-          "estimate one gradient; DPO and RLOO others (RLOO's has the same optimum).")  # fmt: skip
+            for u in group:
+                e = [a["estimators"][u] for a in at]
+                cell = lambda k, spec=".3f": mean_std([x[k] for x in e], spec)  # noqa: E731
+                rows.append([at[0]["step"], u, OBJECTIVE[u], cell("rel_bias"), cell("rel_noise"),
+                             cell("rel_mse"), cell("cosine"), cell("noise_to_signal", ".3g"),
+                             cell("trace_cov", ".3g")])  # fmt: skip
+        print(
+            f"Gradient error against the exact gradient of each estimator's objective, at "
+            f"{group[0]}'s frozen policies ({result['batches']} batches; mean +- std):"
+        )
+        head = ["step", "estimator", "objective", "rel bias", "rel noise", "rel MSE", "cosine"]
+        print_table([*head, "noise/signal", "raw tr Cov"], rows)
+        on_gap, off_gap = ([a["brain_vs_gdcpp"][k] for p in points for a in p]
+                           for k in ("on_policy", "off_policy_sft"))  # fmt: skip
+        print(
+            f"BRAIn-GDC++ gap ||g_BRAIn - g_GDC++|| / ||g_BRAIn||, one batch: on-policy at most "
+            f"{max(on_gap):.1e}, off-policy (q' = SFT) {min(off_gap):.2f}-{max(off_gap):.2f}"
+        )
+    print("rel bias: ||E g - g*|| / ||g*||; rel noise: tr Cov(g) / ||g*||^2 (one batch); rel MSE: "
+          "their sum;\nnoise/signal: tr Cov(g) / ||E g||^2; raw tr Cov: in the loss's own units. "
+          "g*: the exact gradient of KL(posterior || q) (forward) or of beta KL(q || posterior) "
+          "(reverse, RLOO's);\nDPO has no enumerable objective here: only its cosine with the "
+          "forward KL's gradient and its noise/signal mean something.")  # fmt: skip
 
 
 # Real models (--model): any Hugging Face causal LM as the prior, a classifier's logit as reward ---
@@ -1556,6 +1661,9 @@ class Args(Config):
     compare: bool = arg(False, "train every estimator on identical sample streams (--methods)")
     methods: str | None = arg(None, f"with --compare: some of {', '.join(VARIANTS)} (default: all)")
     seeds: int = arg(3, "with --compare: seeds seed, seed+1, ...")
+    lrs: str = arg(",".join(map(str, LR_GRID)),
+                   "with --compare: each method trains at the best of these lrs on a tuning seed, "
+                   "seed+1000 (one lr: no tuning)")  # fmt: skip
     bench: bool = arg(
         False, "time a BRAIn step against fine-tuning, our sampler against generate()"
     )
@@ -1588,7 +1696,17 @@ class Args(Config):
         need(not (self.compare and self.model), "--compare runs on the embedded world, not --model")
         clash = given("compare", "model", "n_samples", "steps", "prompts_per_step")
         need(not self.bench or not clash, f"--bench builds its own models: drop {', '.join(clash)}")
-        need(self.compare or not given("methods", "seeds"), "--methods, --seeds: with --compare")
+        need(self.compare or not given("methods", "seeds", "lrs"),
+             "--methods, --seeds, --lrs: with --compare")  # fmt: skip
+        need(not (self.compare and given("lr")), "--compare picks each method's lr: use --lrs")
+        try:
+            lrs = [float(x) for x in self.lrs.split(",")]
+        except ValueError:
+            lrs = []
+        need(
+            lrs and all(0 < x <= 1 for x in lrs),
+            f"--lrs {self.lrs}: numbers in (0, 1], a comma between",
+        )
         unknown = [m for m in self.variants() if m not in VARIANTS] or not self.variants()
         need(not unknown, f"--methods {self.methods}: choose from {', '.join(VARIANTS)}")
         torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -1657,7 +1775,8 @@ def main(argv=None):
         elif args.model:
             results = ModelRun(args).run()
         elif args.compare:
-            results = compare(args, args.seeds, args.variants())
+            lrs = [float(x) for x in args.lrs.split(",")]
+            results = compare(args, args.seeds, args.variants(), lrs)
         else:
             print_run(results := run(args))
         if args.json and results is not None:

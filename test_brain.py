@@ -1625,46 +1625,127 @@ def test_methods_see_identical_sample_streams(world_and_sft):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
-def test_variance_stats_is_trace_of_covariance():
-    g = torch.Generator().manual_seed(11)
-    grads = torch.randn(7, 5, generator=g, dtype=torch.float64) * torch.arange(1, 6)
-    stats = brain.variance_stats(grads)
-    assert stats["trace_cov"] == pytest.approx(torch.cov(grads.T).trace().item(), rel=1e-10)
-    assert stats["mean_norm"] == pytest.approx(grads.mean(0).norm().item(), rel=1e-10)
+def test_exact_gradients_match_finite_differences_of_the_exact_kls(world_and_sft):
+    # d/de KL(theta + e v) at e = 0, by central differences of the exact (enumerated) KLs, against
+    # g . v, for random directions v: the forward KL(post || q) and beta KL(q || post)
+    world, sft, log_sft = world_and_sft
+    device, beta = torch.device("cpu"), 0.7
+    log_post = brain.posterior_table(log_sft, world.reward_table, beta)
+    policy = brain.frozen(sft).requires_grad_(True)
+    g = torch.Generator().manual_seed(31)
+    with torch.no_grad():  # away from SFT, so that both gradients are far from zero
+        for p in policy.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    exact = brain.exact_gradients(policy, world, log_post, beta, device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    def kls(shift):
+        with torch.no_grad():
+            for p, s in zip(params, shift, strict=True):
+                p.add_(s)
+            log_q = brain.enumerate_logprobs(policy, world, device)
+            for p, s in zip(params, shift, strict=True):
+                p.sub_(s)
+        forward = brain.kl(log_post, log_q).mean().item()
+        return {"forward": forward, "reverse": beta * brain.kl(log_q, log_post).mean().item()}
+
+    for _ in range(3):  # unit directions, steps of 0.1 each way
+        v = [torch.randn(p.shape, generator=g) for p in params]
+        norm = torch.cat([x.reshape(-1) for x in v]).norm()
+        v = [x / norm for x in v]
+        up, down = kls([0.1 * x for x in v]), kls([-0.1 * x for x in v])
+        for key, grad in exact.items():
+            slope = (up[key] - down[key]) / 0.2
+            dot = (grad @ torch.cat([x.reshape(-1) for x in v])).item()
+            assert slope == pytest.approx(dot, rel=0.01, abs=1e-4), key
 
 
-def test_compare_runs_every_method_on_equal_footing():
-    out = brain.compare(
-        brain.Config(steps=4, sft_steps=20, device="cpu"),
-        seeds=1,
-        variants=("brain", "gdcpp", "dpo-bt", "brain-on", "rloo"),
-        curve_every=2,
-        variance_every=2,
-        variance_batches=2,
-        show=False,
+def test_gradient_errors_match_their_definitions_on_known_draws():
+    # draws g* + b + s z with z standard normal: rel bias ||b|| / ||g*||, rel noise P s^2 / ||g*||^2
+    g = torch.Generator().manual_seed(32)
+    P, K, s = 50, 20000, 0.2
+    exact = torch.randn(P, generator=g, dtype=torch.float64)
+    bias = 0.3 * torch.randn(P, generator=g, dtype=torch.float64)
+    grads = exact + bias + s * torch.randn(K, P, generator=g, dtype=torch.float64)
+    e = brain.gradient_errors(grads, exact)
+    n2 = exact.pow(2).sum().item()
+    assert e["rel_bias"] == pytest.approx(bias.norm().item() / n2**0.5, rel=0.02)
+    assert e["rel_noise"] == pytest.approx(P * s**2 / n2, rel=0.02)
+    assert e["rel_mse"] == pytest.approx(e["rel_bias"] ** 2 + e["rel_noise"], rel=1e-6)
+    mean = exact + bias
+    assert e["cosine"] == pytest.approx(
+        (mean @ exact / mean.norm() / exact.norm()).item(), abs=1e-3
     )
+    assert e["noise_to_signal"] == pytest.approx(P * s**2 / mean.pow(2).sum().item(), rel=0.02)
+
+
+def test_a_scaled_loss_changes_only_the_raw_variance():
+    # a loss c times as large: every relative figure and the cosine stay, tr Cov grows by c^2
+    g = torch.Generator().manual_seed(33)
+    grads, exact = torch.randn(9, 12, generator=g) + 1.0, torch.randn(12, generator=g) + 1.0
+    e1, e2 = brain.gradient_errors(grads, exact), brain.gradient_errors(0.25 * grads, 0.25 * exact)
+    for k in ("rel_bias", "rel_noise", "rel_mse", "cosine", "noise_to_signal"):
+        assert e2[k] == pytest.approx(e1[k], rel=1e-5), k
+    assert e2["trace_cov"] == pytest.approx(e1["trace_cov"] * 0.25**2, rel=1e-5)
+
+
+def test_dpg_is_unbiased_with_the_exact_log_z_and_biased_without():
+    # the forward KL's exact gradient in the categorical world: -sum_k post_k grad log q(k);
+    # DPG's per-batch gradients over many batches: with log Z known the bias vanishes (up to the
+    # noise of the mean), with Z estimated from n = 2 samples it does not
+    w = categorical(34)
+    target = w["sft"] + w["reward"]
+    post = torch.softmax(target, -1)
+    exact = -sum(post[k] * grad_log_q(w["theta"], torch.tensor(k)) for k in range(K))
+    B, n, batches = 8, 2, 4000
+
+    def grads(log_z):
+        out = []
+        for _ in range(batches):
+            y = draw(w["proposal"], B, n, w["g"])
+            theta = w["theta"].clone().requires_grad_(True)
+            loss = brain.dpg_loss(torch.log_softmax(theta, -1)[y], w["proposal"][y], target[y],
+                                  log_z=log_z)  # fmt: skip
+            out.append(torch.autograd.grad(loss, theta)[0])
+        return torch.stack(out)
+
+    known = brain.gradient_errors(grads(torch.logsumexp(target, -1)), exact)
+    estimated = brain.gradient_errors(grads(None), exact)
+    assert known["rel_bias"] < 0.05 < 0.2 < estimated["rel_bias"]
+    assert known["cosine"] > 0.99
+
+
+def test_compare_picks_each_lr_and_measures_errors_at_the_same_policies():
+    variants = ("brain", "gdcpp", "dpo-bt", "brain-on", "rloo")
+    out = brain.compare(brain.Config(steps=4, sft_steps=20, device="cpu"), seeds=1,
+                        variants=variants, lrs=(1e-3, 1e-2), curve_every=2, error_every=2,
+                        batches=2, show=False)  # fmt: skip
+    # each variant got the lr with the smaller final exact KL of its own objective
+    for v in variants:
+        own = {t["lr"]: t["own_kl"] for t in out["tuning"] if t["method"] == v}
+        assert set(own) == {1e-3, 1e-2} and out["lr"][v] == min(own, key=own.get)
+        assert all(t["seed"] == 1000 for t in out["tuning"])  # apart from the reported seed 0
     runs = {r["method"]: r for r in out["runs"]}
-    assert set(runs) == {"sft", "posterior", "brain", "gdcpp", "dpo-bt", "brain-on", "rloo"}
-    for v in ("brain", "gdcpp", "dpo-bt", "brain-on", "rloo"):
+    assert set(runs) == {"sft", "posterior", *variants}
+    for v in variants:
+        assert runs[v]["lr"] == out["lr"][v]
         assert [c["step"] for c in runs[v]["curve"]] == [0, 2, 4]
-        assert [p["step"] for p in runs[v]["variance"]] == [0, 2, 4]
-        for p in runs[v]["variance"]:
-            assert p["brain_vs_gdcpp"]["on_policy"] < 1e-4  # the two coincide on-policy
-    # at step 0 every run has the same policy (SFT) and the same probe batches (and coin flips)
-    assert runs["brain"]["variance"][0]["estimators"] == runs["gdcpp"]["variance"][0]["estimators"]
-    assert runs["brain"]["variance"][0]["estimators"] == runs["dpo-bt"]["variance"][0]["estimators"]
+    # errors at the group's first method's policies only, every estimator of the group there
+    assert [p["step"] for p in runs["brain"]["errors"]] == [0, 2, 4]
+    assert runs["gdcpp"]["errors"] == [] and runs["rloo"]["errors"] == []
+    for p in runs["brain"]["errors"]:
+        assert set(p["estimators"]) == {"brain", "gdcpp", "dpo-bt"}
+        assert p["brain_vs_gdcpp"]["on_policy"] < 1e-4  # the two coincide on-policy
+    at_sft = runs["brain"]["errors"][0]["estimators"]  # step 0: the SFT policy, BRAIn = GDC++
+    assert at_sft["brain"]["rel_mse"] == pytest.approx(at_sft["gdcpp"]["rel_mse"], rel=1e-4)
+    assert set(runs["brain-on"]["errors"][0]["estimators"]) == {"brain-on", "rloo"}
     assert runs["brain"]["curve"][0] == runs["gdcpp"]["curve"][0]
-    # the on-policy pair: its own group, measured on the policy's own samples
-    on = runs["rloo"]["variance"][0]["estimators"]
-    assert set(on) == {"brain-on", "rloo"} and on == runs["brain-on"]["variance"][0]["estimators"]
-    for v in ("brain-on", "rloo"):  # both KL directions, exact
-        assert (
-            runs[v]["final"]["kl_policy_posterior"] >= 0
-            and runs[v]["final"]["kl_posterior_policy"] >= 0
-        )
     assert runs["sft"]["final"]["kl_posterior_policy"] == pytest.approx(
         runs["brain"]["curve"][0]["kl_posterior_policy"]
     )
+    one = brain.compare(brain.Config(steps=2, sft_steps=20, device="cpu"), seeds=1,
+                        variants=("brain",), lrs=(3e-3,), batches=2, show=False)  # fmt: skip
+    assert one["tuning"] == [] and one["lr"] == {"brain": 3e-3}  # one lr: no tuning
 
 
 def test_posterior_is_the_reward_kl_frontier(world_and_sft):
