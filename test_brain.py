@@ -749,6 +749,12 @@ def tiny_argv(root, out, *extra, model="gpt2"):
     ]
 
 
+def without(argv, flag):
+    """argv without `flag` and its value."""
+    k = argv.index(flag)
+    return argv[:k] + argv[k + 2 :]
+
+
 def weights(folder):
     from safetensors.torch import load_file
 
@@ -790,6 +796,7 @@ BAD_INPUTS = {
     "json_missing_folder": ("args", "cannot write in"),
     "output_dir_empty": ("args", "--output-dir is empty"),
     "model_without_prompts": ("args", "--model needs --prompts"),
+    "resume_without_output_dir": ("args", "--resume needs --output-dir (the run's folder)"),
     "save_every_negative": ("args", "save_every must be >= 0, got -1"),
     "eval_samples_0": ("args", "eval_samples must be >= 1, got 0"),
     "max_new_tokens_0": ("args", "max_new_tokens must be >= 1, got 0"),
@@ -861,6 +868,7 @@ def bad_input_argv(case, root, tmp):
     cases = {
         "output_dir_empty": lambda: swap("--output-dir", ""),
         "model_without_prompts": lambda: argv[:4] + argv[6:],
+        "resume_without_output_dir": lambda: [*without(argv, "--output-dir"), "--resume"],
         "save_every_negative": lambda: argv + ["--save-every", "-1"],
         "eval_samples_0": lambda: argv + ["--eval-samples", "0"],
         "max_new_tokens_0": lambda: swap("--max-new-tokens", "0"),
@@ -1503,6 +1511,82 @@ def test_metrics_log_every_step_and_the_held_out_evaluations(
         assert m["reward_std"] >= 0 and m["grad_norm"] > 0 and m["step_s"] >= 0
         assert 1 / n - 1e-6 <= m["ess"] <= 1 + 1e-6 and m["ess"] > 0
         assert m["samples_from"] == source
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing lost by default: a run without --output-dir gets a new folder, named before any load
+# ------------------------------------------------------------------------------------------
+def test_a_run_without_output_dir_gets_a_new_folder_named_before_any_load(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # runs/ lands here, not in the repository
+    argv = without(tiny_argv(tiny_models, None, "--steps", "2"), "--output-dir")
+    code, text, err = cli(argv, capsys)
+    assert code == 0, err
+    named = re.match(r"run folder: (runs/gpt2-brain-\d{8}-\d{6}) \(new; ", text)
+    assert named and text.index("run folder") < text.index("training"), text
+    out = tmp_path / named.group(1)
+    assert {p.name for p in out.iterdir()} == {
+        ".brain-run.json", "checkpoint-000002", "metrics.jsonl", "eval.json"
+    }  # fmt: skip
+    assert [m["step"] for m in metric_lines(out) if "loss" in m] == [1, 2]
+    assert json.loads((out / "eval.json").read_text())["config"]["output_dir"] == named.group(1)
+    # the line says how to go on: --output-dir with --resume
+    argv = [*argv, "--steps", "3", "--output-dir", named.group(1), "--resume"]
+    code, text, err = cli(argv, capsys)
+    assert code == 0, err
+    assert "steps 2 -> 3" in text and "run folder: " + named.group(1) not in text
+
+
+def test_a_default_run_stopped_after_step_1_keeps_its_checkpoint(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    score_batch = brain.score_batch
+
+    def ctrl_c_in_step_1(*args, **kwargs):  # Ctrl-C while step 1 samples
+        if not ctrl_c_in_step_1.sent:
+            ctrl_c_in_step_1.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return score_batch(*args, **kwargs)
+
+    ctrl_c_in_step_1.sent = False
+    monkeypatch.setattr(brain, "score_batch", ctrl_c_in_step_1)
+    argv = without(tiny_argv(tiny_models, None), "--output-dir")
+    code, text, err = cli(argv, capsys)
+    assert code == 130, err
+    folder = re.match(r"run folder: (\S+) ", text).group(1)
+    last = err.strip().splitlines()[-1]
+    assert f"interrupted after step 1; checkpoint saved in {folder}" in last, last
+    assert (tmp_path / folder / "checkpoint-000001").is_dir()
+    assert [m["step"] for m in metric_lines(tmp_path / folder)] == [1]
+
+
+def test_a_default_run_that_fails_before_its_first_step_leaves_no_folder(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    argv = without(tiny_argv(tiny_models, None), "--output-dir")
+    argv[argv.index("--reward-model") + 1] = str(tiny_models / "rm2")  # two labels, none chosen
+    code, text, err = cli(argv, capsys)
+    assert code == 1 and "choose --reward-label" in one_line(err)
+    assert "run folder: runs/" in text
+    assert not any((tmp_path / "runs").iterdir())  # made, then removed: it held nothing
+
+
+def test_default_run_folders_are_new_and_plainly_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(brain.time, "strftime", lambda fmt: "20260102-030405")
+    name = brain.default_run_folder("HuggingFaceTB/SmolLM2-135M-Instruct", "brain")
+    assert name == os.path.join("runs", "SmolLM2-135M-Instruct-brain-20260102-030405")
+    os.makedirs(name)  # the same second: the next one gets -2, then -3
+    second = brain.default_run_folder("HuggingFaceTB/SmolLM2-135M-Instruct", "brain")
+    assert second == name + "-2"
+    os.makedirs(second)
+    assert brain.default_run_folder("HuggingFaceTB/SmolLM2-135M-Instruct", "brain") == name + "-3"
+    assert brain.default_run_folder("/models/my model v1/", "rloo") == os.path.join(
+        "runs", "my-model-v1-rloo-20260102-030405"
+    )
 
 
 def test_bench_row_measures_both_sides(tiny_gpt2):
