@@ -1247,6 +1247,28 @@ def default_run_folder(model, method):
     return path
 
 
+def log_line(step, steps, stats, held_out=None):
+    """Off a terminal (a log file, a scheduler's output), where there is no progress bar: a plain
+    line every few steps (about 10 a run, at least every 10th step, the first and the last) and
+    one for each held-out evaluation, flushed at once. On a terminal the bar shows them."""
+    if sys.stdout.isatty():
+        return
+    every = max(1, min(10, steps // 10))
+    if step == 1 or step % every == 0 or step == steps or stats["stop"]:
+        figures = ", ".join(f"{k} {stats[k]:+.3f}" for k in ("loss", "reward", "kl", "ess"))
+        print(f"step {step}/{steps}: {figures}, {stats['step_s']:.2f} s/step, "
+              f"{stats['seconds']:.0f} s", flush=True)  # fmt: skip
+    if held_out:
+        h = held_out
+        words = [f"reward {h['reward_policy']:+.3f} (SFT {h['reward_sft']:+.3f})",
+                 f"win rate vs SFT {h['win_rate_vs_sft']:.1%}"]  # fmt: skip
+        if "win_rate_vs_reference" in h:
+            words.append(f"win rate vs references {h['win_rate_vs_reference']:.1%}")
+        kl = f"{h['kl_policy_sft_mc']:.3f} +- {h['kl_policy_sft_mc_se']:.3f}"
+        print(f"held_out step {step}: {', '.join(words)}, KL(policy || SFT) {kl} nats (MC)",
+              flush=True)  # fmt: skip
+
+
 class ModelRun:
     """--model: train a Hugging Face causal LM against a reward model, checkpoint, evaluate. All
     that needs no model is checked when it is made (Args.validate, then here), before any load."""
@@ -1337,6 +1359,7 @@ class ModelRun:
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 self.last_eval = self.evaluate(loop["policy"])
             self.step_t = time.time()  # an evaluation's time is not the step's
+            log_line(step, cfg.steps, stats, self.last_eval)  # off a terminal: plain lines
             if folder:
                 folder.log({"step": step, **{k: v for k, v in stats.items() if k != "stop"}})
                 if self.last_eval:

@@ -5,6 +5,8 @@ log-probs token by token, exact evaluation against Monte Carlo.
     python -m pytest -q test_brain.py
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -1586,6 +1588,69 @@ def test_default_run_folders_are_new_and_plainly_named(tmp_path, monkeypatch):
     assert brain.default_run_folder("HuggingFaceTB/SmolLM2-135M-Instruct", "brain") == name + "-3"
     assert brain.default_run_folder("/models/my model v1/", "rloo") == os.path.join(
         "runs", "my-model-v1-rloo-20260102-030405"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Off a terminal (a log file), plain lines on stdout; on a terminal, the progress bar only
+# ------------------------------------------------------------------------------------------
+STEP_LINE = re.compile(
+    r"step (\d+)/(\d+): loss ([-+][\d.]+), reward ([-+][\d.]+), kl ([-+][\d.]+), "
+    r"ess ([-+][\d.]+), [\d.]+ s/step, \d+ s$"
+)
+
+
+def test_off_a_terminal_steps_and_held_out_evaluations_are_plain_lines(
+    tiny_models, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    code, text, err = cli(tiny_argv(tiny_models, out, "--steps", "4", "--eval-every", "2"), capsys)
+    assert code == 0, err  # capsys's stdout is no terminal, as a log file is not
+    steps = [STEP_LINE.match(line) for line in text.splitlines() if line.startswith("step ")]
+    held = [line for line in text.splitlines() if line.startswith("held_out step ")]
+    assert all(steps) and [int(m.group(1)) for m in steps] == [1, 2, 3, 4]  # few steps: each
+    logged = [m for m in metric_lines(out) if "loss" in m]
+    for m, line in zip(logged, steps, strict=True):  # the same figures as metrics.jsonl
+        for k, key in enumerate(("loss", "reward", "kl", "ess"), 3):
+            assert float(line.group(k)) == pytest.approx(m[key], abs=6e-4)
+    assert [line.split(":")[0] for line in held] == ["held_out step 2", "held_out step 4"]
+    evaluated = [m["held_out"] for m in metric_lines(out) if "held_out" in m]
+    for line, h in zip(held, evaluated, strict=True):
+        assert f"reward {h['reward_policy']:+.3f} (SFT {h['reward_sft']:+.3f})" in line
+        assert "win rate vs SFT" in line and "KL(policy || SFT)" in line
+
+
+def test_on_a_terminal_the_bar_alone_shows_progress(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    argv = tiny_argv(tiny_models, tmp_path / "out", "--steps", "2", "--eval-every", "1")
+    code, text, err = cli(argv, capsys)
+    assert code == 0, err
+    assert not re.search(r"^(step \d|held_out step)", text, re.M), text
+
+
+def test_plain_lines_come_every_few_steps_the_first_last_and_a_stop():
+    stats = dict(loss=0.5, reward=1.0, kl=2.0, ess=0.25, step_s=1.5, seconds=9.0, stop=False)
+
+    def printed(steps, stop_at=None):
+        lines = []
+        with contextlib.redirect_stdout(io.StringIO()) as f:
+            for step in range(1, steps + 1):
+                brain.log_line(step, steps, {**stats, "stop": step == stop_at})
+            lines = f.getvalue().splitlines()
+        return [int(line.split()[1].split("/")[0]) for line in lines]
+
+    assert printed(200) == [1, *range(10, 201, 10)]  # at least every 10th step
+    assert printed(20) == [1, *range(2, 21, 2)]  # about 10 a run
+    assert printed(7) == list(range(1, 8))
+    assert printed(2000)[:3] == [1, 10, 20]
+    assert 37 in printed(200, stop_at=37)  # a stop shows its last step
+    with contextlib.redirect_stdout(io.StringIO()) as f:
+        brain.log_line(3, 200, stats, {"reward_policy": 0.5, "reward_sft": 0.25,
+                                        "win_rate_vs_sft": 0.75, "kl_policy_sft_mc": 1.0,
+                                        "kl_policy_sft_mc_se": 0.1})  # fmt: skip
+    assert f.getvalue() == (
+        "held_out step 3: reward +0.500 (SFT +0.250), win rate vs SFT 75.0%, "
+        "KL(policy || SFT) 1.000 +- 0.100 nats (MC)\n"
     )
 
 
