@@ -887,7 +887,10 @@ def print_comparison(result):
 # Real models (--model): any Hugging Face causal LM as the prior, a classifier's logit as reward ---
 #    (one label's), prompts from a JSON-lines file; the same train() and losses as Part I.
 def load_prompts(path):
-    """Rows {"prompt", "reference" (or None), "line"} of a JSON-lines file; a prompt just once."""
+    """Rows {"prompt", "reference" (or None), "line"} of a JSON-lines file, one object a line:
+    "prompt", a non-empty text, is required; "reference", a text or null, is optional and only
+    read by the held-out evaluation (the policy's win rate over it); other keys are ignored, as
+    are blank lines. A prompt is kept just once."""
     rows, lines = {}, 0
     with open(path, "rb") as f:
         for k, raw in enumerate(f, 1):

@@ -1474,6 +1474,48 @@ def test_duplicate_prompts_are_kept_once_with_a_note(tmp_path, capsys):
     assert "duplicate" in note and "2" in note
 
 
+def test_prompts_format_prompt_required_reference_optional(tmp_path):
+    path = tmp_path / "p.jsonl"
+    lines = [{"prompt": "a"}, {"prompt": "b", "reference": None},
+             {"prompt": "c", "reference": "r", "id": 7, "source": "x"}]  # fmt: skip
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = brain.load_prompts(str(path))  # other keys are ignored
+    assert [(r["prompt"], r["reference"]) for r in rows] == [("a", None), ("b", None), ("c", "r")]
+    form = 'each line is {"prompt": "a non-empty text", "reference": "a text (optional)"}'
+    for bad in ({"reference": "r"}, {"prompt": "a", "reference": 3}, {"prompt": ""}):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"line 1: {form}")):
+            brain.load_prompts(str(path))
+
+
+def test_references_serve_the_held_out_evaluation_only(tiny_models, tmp_path, capsys):
+    """The same run with and without the references: the same training, the same policy's
+    evaluation, and a win rate over the references only where there are references."""
+    bare = tmp_path / "bare.jsonl"  # tiny_models' prompts, the references dropped
+    rows = [json.loads(x) for x in (tiny_models / "prompts.jsonl").read_text().splitlines()]
+    assert any("reference" in r for r in rows)
+    bare.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    runs = {}
+    for name in ("with", "bare"):
+        argv = tiny_argv(tiny_models, tmp_path / name, "--steps", "2", "--eval-every", "1")
+        if name == "bare":
+            argv[argv.index("--prompts") + 1] = str(bare)
+        code, text, err = cli(argv, capsys)
+        assert code == 0, err
+        runs[name] = (
+            metric_lines(tmp_path / name),
+            json.loads((tmp_path / name / "eval.json").read_text()),
+        )
+    (steps, final), (bare_steps, bare_final) = runs["with"], runs["bare"]
+    drop = ("step_s", "seconds", "held_out", "win_rate_vs_reference", "reward_reference")
+    same = lambda m: {k: v for k, v in m.items() if k not in drop}  # noqa: E731
+    for a, b in zip(steps, bare_steps, strict=True):  # training and held_out: identical
+        assert same(a) == same(b) and same(a.get("held_out", {})) == same(b.get("held_out", {}))
+    assert "win_rate_vs_reference" in final and "reward_reference" in final
+    assert "win_rate_vs_reference" not in bare_final and "reward_reference" not in bare_final
+    assert final["reward_policy"] == bare_final["reward_policy"]
+
+
 def test_evaluation_reports_the_monte_carlo_kl_with_its_standard_error(
     tiny_models, tmp_path, capsys
 ):
