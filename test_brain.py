@@ -1696,6 +1696,47 @@ def test_plain_lines_come_every_few_steps_the_first_last_and_a_stop():
     )
 
 
+def test_help_says_what_the_optional_real_model_flags_do_when_omitted(capsys):
+    with pytest.raises(SystemExit):
+        brain.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--output-dir OUTPUT_DIR the run's own folder: checkpoints, metrics, evaluation (default: "
+        "a new runs/MODEL-METHOD-YYYYmmdd-HHMMSS in the working folder, printed at the start; "
+        "--resume needs it named)" in text
+    )
+    assert "(default: its only label; a model with several labels needs it)" in text
+    assert '"prompt" required; "reference" optional, used only by the held-out evaluation' in text
+
+
+def test_one_cache_folder_for_the_real_model(tmp_path, monkeypatch, capsys):
+    """build_real_model.py without a folder builds into the cache that real_model.ipynb (through
+    nbsetup's real_model_folder) and README's recipe use: $BRAIN_REAL_CACHE, else
+    ~/.cache/brain-real-model."""
+    monkeypatch.syspath_prepend(NOTEBOOK_DIR)
+    import build_real_model
+
+    monkeypatch.delenv("BRAIN_REAL_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert build_real_model.default_folder() == tmp_path / ".cache" / "brain-real-model"
+    monkeypatch.setenv("BRAIN_REAL_CACHE", str(tmp_path / "elsewhere"))
+    assert build_real_model.default_folder() == tmp_path / "elsewhere"
+    built = []
+
+    def build(folder):  # what main() hands to build(), without building
+        built.append(folder)
+        return {"model": "M", "reward_model": "R", "prompts": "P"}
+
+    monkeypatch.setattr(build_real_model, "missing", lambda: [])
+    monkeypatch.setattr(build_real_model, "build", build)
+    assert build_real_model.main([]) == 0
+    assert built == [tmp_path / "elsewhere"]
+    command = capsys.readouterr().out.splitlines()[-1]
+    assert command.startswith("python brain.py --model M") and "--output-dir" not in command
+    source = open(os.path.join(NOTEBOOK_DIR, "nbsetup.py")).read()
+    assert "from build_real_model import default_folder as real_model_folder" in source
+
+
 def test_bench_row_measures_both_sides(tiny_gpt2):
     row = brain.bench_model(
         "tiny",
