@@ -1737,6 +1737,25 @@ def test_one_cache_folder_for_the_real_model(tmp_path, monkeypatch, capsys):
     assert "from build_real_model import default_folder as real_model_folder" in source
 
 
+def test_the_repository_says_where_it_comes_from_and_what_it_keeps_out():
+    def read(name):
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            return f.read()
+
+    assert read("LICENSE").startswith("MIT License\n")
+    for name in ("CITATION.cff", "README.md"):  # the paper and the authors' code, linked
+        text = read(name)
+        assert "https://arxiv.org/abs/2402.02479" in text, name
+        assert "https://github.com/gauravpandeyamu/BRAIn_experiments" in text, name
+    readme = read("README.md")
+    assert "@inproceedings{pandey2024brain," in readme and "@software{" in readme
+    # README's recipe builds into the shared cache folder (test_one_cache_folder_for_the_real_model)
+    assert "python notebooks/build_real_model.py\nR=~/.cache/brain-real-model\n" in readme
+    assert "4-bit (Q4_1) GGUF file" in readme  # where the weights come from
+    kept_out = set(read(".gitignore").split())  # run folders, notebook re-runs, CI environment
+    assert {"runs/", "out/", "*.rerun.ipynb", ".venv-ci/"} <= kept_out
+
+
 def test_bench_row_measures_both_sides(tiny_gpt2):
     row = brain.bench_model(
         "tiny",
