@@ -1258,7 +1258,8 @@ def log_line(step, steps, stats, held_out=None):
         return
     every = max(1, min(10, steps // 10))
     if step == 1 or step % every == 0 or step == steps or stats["stop"]:
-        figures = ", ".join(f"{k} {stats[k]:+.3f}" for k in ("loss", "reward", "kl", "ess"))
+        figures = ", ".join(f"{k} {stats[k]:+.3f}" for k in ("loss", "reward", "kl"))
+        figures += f", ess {stats['ess']:.3f}"  # a share of n, in [1/n, 1]
         print(f"step {step}/{steps}: {figures}, {stats['step_s']:.2f} s/step, "
               f"{stats['seconds']:.0f} s", flush=True)  # fmt: skip
     if held_out:
