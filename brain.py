@@ -749,6 +749,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import re
 import resource
 import shutil
 import signal
@@ -1037,7 +1038,10 @@ def print_comparison(result):
 # Real models (--model): any Hugging Face causal LM as the prior, a classifier's logit as reward ---
 #    (one label's), prompts from a JSON-lines file; the same train() and losses as Part I.
 def load_prompts(path):
-    """Rows {"prompt", "reference" (or None), "line"} of a JSON-lines file; a prompt just once."""
+    """Rows {"prompt", "reference" (or None), "line"} of a JSON-lines file, one object a line:
+    "prompt", a non-empty text, is required; "reference", a text or null, is optional and only
+    read by the held-out evaluation (the policy's win rate over it); other keys are ignored, as
+    are blank lines. A prompt is kept just once."""
     rows, lines = {}, 0
     with open(path, "rb") as f:
         for k, raw in enumerate(f, 1):
@@ -1388,6 +1392,40 @@ def step_diagnostics(cfg, batch, policy_logp, loss, stop, n_procs):
                 stop=stop > 0)  # fmt: skip
 
 
+def default_run_folder(model, method):
+    """runs/MODEL-METHOD-YYYYmmdd-HHMMSS in the working folder, with -2, -3... if it is taken."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(model.rstrip("/"))).strip("-.")
+    base = os.path.join("runs", f"{name or 'model'}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, k = base, 1
+    while os.path.lexists(path):
+        k += 1
+        path = f"{base}-{k}"
+    return path
+
+
+def log_line(step, steps, stats, held_out=None):
+    """Off a terminal (a log file, a scheduler's output), where there is no progress bar: a plain
+    line every few steps (about 10 a run, at least every 10th step, the first and the last) and
+    one for each held-out evaluation, flushed at once. On a terminal the bar shows them."""
+    if sys.stdout.isatty():
+        return
+    every = max(1, min(10, steps // 10))
+    if step == 1 or step % every == 0 or step == steps or stats["stop"]:
+        figures = ", ".join(f"{k} {stats[k]:+.3f}" for k in ("loss", "reward", "kl"))
+        figures += f", ess {stats['ess']:.3f}"  # a share of n, in [1/n, 1]
+        print(f"step {step}/{steps}: {figures}, {stats['step_s']:.2f} s/step, "
+              f"{stats['seconds']:.0f} s", flush=True)  # fmt: skip
+    if held_out:
+        h = held_out
+        words = [f"reward {h['reward_policy']:+.3f} (SFT {h['reward_sft']:+.3f})",
+                 f"win rate vs SFT {h['win_rate_vs_sft']:.1%}"]  # fmt: skip
+        if "win_rate_vs_reference" in h:
+            words.append(f"win rate vs references {h['win_rate_vs_reference']:.1%}")
+        kl = f"{h['kl_policy_sft_mc']:.3f} +- {h['kl_policy_sft_mc_se']:.3f}"
+        print(f"held_out step {step}: {', '.join(words)}, KL(policy || SFT) {kl} nats (MC)",
+              flush=True)  # fmt: skip
+
+
 class ModelRun:
     """--model: train a Hugging Face causal LM against a reward model, checkpoint, evaluate. All
     that needs no model is checked when it is made (Args.validate, then here), before any load."""
@@ -1403,6 +1441,8 @@ class ModelRun:
         self.device, self.rank, self.n_procs = setup_distributed(cfg)
         if cfg.prompts_per_step % self.n_procs:
             raise ValueError(f"prompts_per_step must be a multiple of the {self.n_procs} processes")
+        self.new_folder = None if cfg.output_dir else self.name_new_folder(cfg.method)
+        cfg = replace(cfg, output_dir=cfg.output_dir or self.new_folder)  # a run always has one
         self.cfg, self.folder, self.state, self.resume_from = cfg, None, None, None
         if cfg.output_dir:  # rank 0 opens (and locks) the folder; the others read it after
             folder = lambda write: RunFolder(cfg.output_dir, self.keys, cfg.resume, write)  # noqa: E731
@@ -1411,6 +1451,17 @@ class ModelRun:
                 dist.barrier()
             self.folder = self.folder or folder(False)
             self.state, self.resume_from = self.folder.state(cfg.steps, self.device)
+
+    def name_new_folder(self, method):
+        """No --output-dir: a new runs/MODEL-METHOD-YYYYmmdd-HHMMSS (rank 0's name for all),
+        printed before any model loads, as the trainers users know do: nothing is lost."""
+        name = [default_run_folder(self.keys["model"], method)]
+        if self.n_procs > 1:
+            dist.broadcast_object_list(name)  # rank 0's clock decides
+        if self.rank == 0:
+            print(f"run folder: {name[0]} (new; --output-dir to choose one; to go on after a "
+                  f"stop: --output-dir {name[0]} --resume)", flush=True)  # fmt: skip
+        return name[0]
 
     def load(self):
         """The reward model (first: a bad --reward-label costs no LM load), the SFT model, the task
@@ -1465,6 +1516,7 @@ class ModelRun:
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 self.last_eval = self.evaluate(policy)
             self.step_t = time.time()  # an evaluation's time is not the step's
+            log_line(step, cfg.steps, stats, self.last_eval)  # off a terminal: plain lines
             if folder:
                 folder.log({"step": step, **{k: v for k, v in stats.items() if k != "stop"}})
                 if self.last_eval:
@@ -1517,6 +1569,15 @@ class ModelRun:
         return out
 
     def run(self):
+        """train_and_evaluate(); a new default folder that the run wrote nothing to (it failed
+        before its first step ended) is removed again."""
+        try:
+            return self.train_and_evaluate()
+        finally:
+            if self.new_folder and self.rank == 0 and not os.listdir(self.new_folder):
+                os.rmdir(self.new_folder)
+
+    def train_and_evaluate(self):
         """Load; Part I's train() with this run's policy, state and after_step; evaluate."""
         self.load()
         cfg, start = self.cfg, self.state["step"] if self.state else 0
@@ -1648,10 +1709,20 @@ class Args(Config):
     # real models (--model)
     model: str | None = arg(None, "causal LM (Hub name or folder): the SFT prior and the start")
     reward_model: str | None = arg(None, "sequence-classification reward model (name or folder)")
-    reward_label: str | None = arg(None, "the reward model's label whose logit is the reward")
-    prompts: str | None = arg(None, 'the prompts: JSON lines {"prompt": ..., "reference": ...}')
+    reward_label: str | None = arg(
+        None, "the reward model's label whose logit is the reward (default: its only label; a "
+        "model with several labels needs it)",
+    )  # fmt: skip
+    prompts: str | None = arg(
+        None, 'JSON lines {"prompt": "text", "reference": "text"}: "prompt" required; '
+        '"reference" optional, used only by the held-out evaluation (win rate over it)',
+    )  # fmt: skip
     max_new_tokens: int = arg(32, "completion length limit, EOS included")
-    output_dir: str | None = arg(None, "the run's own folder: checkpoints, metrics, evaluation")
+    output_dir: str | None = arg(
+        None, "the run's own folder: checkpoints, metrics, evaluation (default: a new "
+        "runs/MODEL-METHOD-YYYYmmdd-HHMMSS in the working folder, printed at the start; "
+        "--resume needs it named)",
+    )  # fmt: skip
     save_every: int = arg(0, "checkpoint every K steps (0: at the end only)")
     resume: bool = arg(False, "continue the run in --output-dir from its last checkpoint")
     eval_samples: int = arg(4, "completions per held-out prompt in the evaluation")
@@ -1736,7 +1807,10 @@ EXAMPLES = """examples:
   python brain.py                                   BRAIn on the embedded world (exact metrics)
   python brain.py --method rloo                     RL on the same objective (on-policy)
   python brain.py --compare --methods brain,dpg     estimators on identical sample streams
-  python brain.py --model DIR --reward-model DIR --prompts p.jsonl --output-dir out
+  python brain.py --model DIR --reward-model DIR --prompts p.jsonl
+                                                    a real LM; it prints its new folder, runs/NAME
+  python brain.py ... --output-dir runs/NAME --resume
+                                                    go on from that run's last checkpoint
   torchrun --nproc_per_node=2 brain.py --model ...  the same, data-parallel
   python brain.py --bench                           a BRAIn step against plain fine-tuning"""
 GROUPS = {"method": "the method", "steps": "training", "sft_steps": "the embedded world",

