@@ -3,11 +3,12 @@
 It finds brain.py (in the working folder or a folder above it) and puts it on sys.path, reads the
 mode (FAST = the environment variable BRAIN_NOTEBOOK_FAST=1, as the test suite sets it), turns
 off progress bars, sets the plots' defaults, and offers a few helpers that more than one notebook
-uses: Markdown tables, the mode line, the claims table, and each estimator's gradient on shared
-sample batches, written with Part I of brain.py only (score_batch -> sequence_logprobs ->
-method_loss -> torch.autograd.grad). real_model_folder() is the real model's one cache folder
-($BRAIN_REAL_CACHE, else ~/.cache/brain-real-model), shared with build_real_model.py's default,
-README's recipe and the tests.
+uses: Markdown tables, the mode line, the claims table and plot labels. Everything about the
+method comes from brain.py itself (brain.VARIANTS, brain.estimator_gradients,
+brain.exact_gradients, brain.gradient_errors, ...): nothing of it is copied here.
+real_model_folder() is the real model's one cache folder ($BRAIN_REAL_CACHE, else
+~/.cache/brain-real-model), shared with build_real_model.py's default, README's recipe and the
+tests.
 """
 
 import os
@@ -53,8 +54,8 @@ DEVICE = torch.device("cpu")  # every number in the stored outputs was measured 
 
 __all__ = [
     "FAST", "ROOT", "DEVICE", "brain", "torch", "plt", "Markdown", "display", "md", "md_table",
-    "mode_line", "elapsed", "plain_log_axis", "fast_note", "claims_table", "VARIANTS", "LABEL",
-    "estimator_gradients", "grad_stats", "flat", "real_model_folder",
+    "mode_line", "elapsed", "plain_log_axis", "fast_note", "claims_table", "LABEL",
+    "real_model_folder",
 ]  # fmt: skip
 
 
@@ -110,52 +111,8 @@ def claims_table(rows, title="Summary of this run"):
     md("\n".join(lines))
 
 
-# Each estimator by name: (brain.method_loss's method, DPO labels, proposal: 0 = SFT, 1 = policy)
-VARIANTS = {
-    "brain": ("brain", "argmax", 0),
-    "gdcpp": ("gdcpp", "argmax", 0),
-    "dpg": ("dpg", "argmax", 0),
-    "dpo-argmax": ("dpo", "argmax", 0),
-    "dpo-bt": ("dpo", "bt", 0),
-    "brain-on": ("brain", "argmax", 1),
-    "rloo": ("rloo", "argmax", 1),
-}
+# Plot and table labels of brain.VARIANTS' names (and the notebooks' own extra estimators)
 LABEL = {
     "brain": "BRAIn", "gdcpp": "GDC++", "dpg": "DPG", "dpo-argmax": "DPO (argmax)",
     "dpo-bt": "DPO (BT)", "brain-on": "BRAIn (on-policy)", "rloo": "RLOO", "dpg-z": "DPG, Z known",
 }  # fmt: skip
-
-
-def flat(grads, params):
-    """One flat vector from autograd's per-parameter gradients (None: a zero block)."""
-    blocks = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
-    return torch.cat([b.reshape(-1) for b in blocks])
-
-
-def estimator_gradients(cfg, policy, proposal, sft, task, names, batches, generator, extra=None):
-    """{name: (batches, parameters)}: each estimator's gradient on the same `batches` fresh
-    batches from `proposal`, at the same `policy`. `extra`: {name: fn(policy_logp, scores, seqs)
-    -> loss} for estimators that brain.method_loss does not name."""
-    params = [p for p in policy.parameters() if p.requires_grad]
-    out = {name: [] for name in [*names, *(extra or {})]}
-    for _ in range(batches):
-        seqs, *scores = brain.score_batch(cfg, proposal, sft, task, generator)
-        coin = torch.rand(cfg.prompts_per_step, generator=generator)  # DPO's Bradley-Terry labels
-        policy_logp = brain.sequence_logprobs(policy, *seqs, task.eos_id)
-        policy_logp = policy_logp.view(-1, cfg.n_samples)
-        for name in out:
-            if name in names:
-                method, labels, _ = VARIANTS[name]
-                loss = brain.method_loss(method, policy_logp, *scores, cfg.beta, labels, coin)
-            else:
-                loss = extra[name](policy_logp, scores, seqs)
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            out[name].append(flat(grads, params))
-    return {name: torch.stack(g) for name, g in out.items()}
-
-
-def grad_stats(grads):
-    """Trace of the covariance of K gradient draws (unbiased), and the norm of their mean."""
-    mean = grads.mean(0)
-    trace_cov = ((grads - mean) ** 2).sum().item() / (len(grads) - 1)
-    return {"trace_cov": trace_cov, "mean_norm": mean.norm().item()}
