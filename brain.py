@@ -1729,12 +1729,12 @@ class Args(Config):
             need(not os.path.isdir(path), f"{where}: a folder")
             kind = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG
             need(stat.S_ISREG(kind), f"{where}: not a regular file (a device, a pipe...)")
-            need(os.access(os.path.dirname(path), os.W_OK), f"{where}: cannot write in its folder")
             inputs = filter(None, (self.prompts, self.model, self.reward_model))
             need(not any(inside(path, p) for p in inputs), f"{where}: an input of the run")
             out = self.output_dir if self.output_dir and inside(path, self.output_dir) else None
             folder = run_folder_above(path) or out
             need(not folder, f"{where}: inside a run folder ({folder}); write it elsewhere")
+            need(os.access(os.path.dirname(path), os.W_OK), f"{where}: cannot write in its folder")
         return self
 
     def variants(self):

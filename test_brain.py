@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -817,10 +818,27 @@ BAD_INPUTS = {
     "model_a_classifier": ("load", "cannot load a causal LM"),
     "model_small_vocabulary": ("load", "its tokenizer has 19 tokens, the model 15"),
     "prompt_too_long": ("load", "line 2: the prompt is 30 tokens; with --max-new-tokens 6"),
+    "prompts_null_line": ("files", "line 2: each line is"),
+    "json_a_fifo": ("args", ": not a regular file"),
+    "json_a_device": ("args", ": not a regular file"),
+    "json_is_the_output_dir": ("args", "inside a run folder"),
+    "json_inside_the_output_dir": ("args", "inside a run folder"),
+    "json_inside_a_run_folder": ("args", "inside a run folder"),
+    "json_inside_a_checkpoint": ("args", "inside a run folder"),
+    "output_dir_inside_a_checkpoint": ("files", "inside the run folder"),
+    "output_dir_under_a_file": ("files", "cannot create --output-dir"),
+    "output_dir_name_too_long": ("files", "File name too long"),
+    "output_dir_in_proc": ("files", "cannot create --output-dir /proc/x"),
 }
 
 
 LONG_PROMPT = json.dumps({"prompt": "the cat " * 15})  # 30 tokens: no room for 6 more in 32
+
+
+def device_node(path):  # a character device in the test's own folder (root only)
+    if os.geteuid() != 0:
+        pytest.skip("creating a device node needs root")
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
 
 
 def bad_input_argv(case, root, tmp):
@@ -838,6 +856,10 @@ def bad_input_argv(case, root, tmp):
     def prompts(text, raw=False):
         (tmp / "p.jsonl").write_bytes(text if raw else text.encode())
         return swap("--prompts", tmp / "p.jsonl")
+
+    def old_run():  # another run's folder, with a checkpoint
+        (tmp / "old" / "checkpoint-000001").mkdir(parents=True)
+        (tmp / "old" / ".brain-run.json").write_text('{"settings": {}}')
 
     (tmp / "results").mkdir()
     plain = {  # the embedded world's flags
@@ -888,6 +910,20 @@ def bad_input_argv(case, root, tmp):
         "model_a_classifier": lambda: swap("--model", root / "rm"),
         "model_small_vocabulary": lambda: swap("--model", root / "small_vocab"),
         "prompt_too_long": lambda: prompts('{"prompt": "a"}\n' + LONG_PROMPT),
+        "prompts_null_line": lambda: prompts('{"prompt": "a"}\nnull\n'),
+        # the test's own FIFO and device node (as /dev/null's), never the system's
+        "json_a_fifo": lambda: made(os.mkfifo(tmp / "fifo")) + ["--json", str(tmp / "fifo")],
+        "json_a_device": lambda: made(device_node(tmp / "null")) + ["--json", str(tmp / "null")],
+        "json_is_the_output_dir": lambda: argv + ["--json", str(out)],
+        "json_inside_the_output_dir": lambda: argv + ["--json", str(out / "r.json")],
+        "json_inside_a_run_folder": lambda: made(old_run()) + ["--json", str(tmp / "old/r.json")],
+        "json_inside_a_checkpoint": lambda: made(old_run())
+        + ["--json", str(tmp / "old/checkpoint-000001/r.json")],
+        "output_dir_inside_a_checkpoint": lambda: made(old_run())
+        and swap("--output-dir", tmp / "old/checkpoint-000001/run"),
+        "output_dir_under_a_file": lambda: swap("--output-dir", tmp / "notes.txt" / "out"),
+        "output_dir_name_too_long": lambda: swap("--output-dir", tmp / ("x" * 300)),
+        "output_dir_in_proc": lambda: swap("--output-dir", "/proc/x"),
     }  # fmt: skip
     return cases[case]()
 
