@@ -1101,7 +1101,7 @@ class RunFolder:
         access = os.R_OK | os.X_OK | (os.W_OK if write else 0)
         denied = os.path.isdir(path) and not os.access(path, access)
         need(not denied, f"--output-dir {path}: permission denied (it must be readable, writable)")
-        if resume and not os.path.isfile(self.own(RUN_FILE)):
+        if resume and not os.path.lexists(self.own(RUN_FILE)):  # a folder, a link: entries()
             raise ValueError(f"--resume: {path} holds no run of brain.py")
         if write:  # rank 0; the other processes of a torchrun only read, after it
             self.lock = self.make_and_lock()

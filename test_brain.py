@@ -1271,6 +1271,145 @@ def test_a_damaged_run_is_one_line_on_resume(damage, two_step_run, tmp_path, tin
     assert snapshot(out) == before
 
 
+# A run folder is untrusted input. name -> (what is done to a copy of a finished 2-step run, the
+# words of the one line that --resume gives). `victim`: a folder beside the run that a file names;
+# nothing under the test's folder changes, the victim included.
+def edited_record(**changes):  # RUN_FILE with some of its fields replaced (a callable: of victim)
+    def damage(out, victim, monkeypatch):
+        record = json.loads((out / ".brain-run.json").read_text())
+        record.update({k: v(victim) if callable(v) else v for k, v in changes.items()})
+        (out / ".brain-run.json").write_text(json.dumps(record))
+
+    return damage
+
+
+def appended_metrics(line):  # a bad line, then a good one (a torn last line is dropped instead)
+    def damage(out, victim, monkeypatch):
+        with open(out / "metrics.jsonl", "ab") as f:
+            f.write(line + b'\n{"step": 1}\n')
+
+    return damage
+
+
+def edited_state(edit):
+    def damage(out, victim, monkeypatch):
+        path = out / "checkpoint-000002" / "trainer_state.pt"
+        state = torch.load(path, weights_only=True)
+        edit(state)
+        torch.save(state, path)
+
+    return damage
+
+
+def replaced(name, by):  # an entry of the run replaced: "link" (to the victim), "folder", "file"
+    def damage(out, victim, monkeypatch):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        {"link": lambda: path.symlink_to(victim), "folder": path.mkdir}[by]()
+
+    return damage
+
+
+def denied(name, call="access"):  # as if the permission were missing (the tests may run as root)
+    def damage(out, victim, monkeypatch):
+        path = str(out / name)
+        if call == "access":
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, m: str(p) != path and real(p, m))
+        else:
+            real = open
+
+            def refuse(p, *args, **kwargs):
+                if str(p) == path:
+                    raise PermissionError(13, "Permission denied")
+                return real(p, *args, **kwargs)
+
+            monkeypatch.setattr(brain, "open", refuse, raising=False)
+
+    return damage
+
+
+def read_only_checkpoint(out, victim, monkeypatch):  # a save cut short, its leftover read-only
+    (out / ".tmp-old").mkdir()
+    edited_record(saving={"tmp": ".tmp-old", "final": "checkpoint-000004"})(out, victim, None)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+
+
+def small_vocab_weights(out, victim, monkeypatch):
+    shutil.copy(
+        victim.parent / "small_vocab_weights" / "model.safetensors", out / "checkpoint-000002"
+    )
+
+
+UP, NEXT = "../victim", "checkpoint-000004"
+RUN_FOLDER_FAULTS = {
+    "saving_tmp_up": (
+        edited_record(saving={"tmp": UP, "final": NEXT}),
+        "'../victim' is not a name",
+    ),
+    "saving_tmp_absolute": (
+        edited_record(saving=lambda v: {"tmp": str(v), "final": NEXT}),
+        "victim' is not a name",
+    ),
+    "saving_tmp_the_checkpoint": (
+        edited_record(saving={"tmp": "checkpoint-000002", "final": NEXT}),
+        "'checkpoint-000002' is not a name that the run gives",
+    ),
+    "saving_final_up": (edited_record(saving={"tmp": ".tmp-x", "final": UP}), "is not a name"),
+    "saving_final_the_checkpoint": (
+        edited_record(saving={"tmp": ".tmp-x", "final": "checkpoint-000002"}),
+        "saving names the checkpoint",
+    ),
+    "checkpoint_up": (edited_record(checkpoint=UP), "'../victim' is not a name"),
+    "checkpoint_absolute": (edited_record(checkpoint=str), "victim' is not a name"),
+    "checkpoint_a_number": (edited_record(checkpoint=2), "2 is not a name"),
+    "saving_a_string": (edited_record(saving="x"), 'saving is not {"tmp": ..., "final": ...}'),
+    "tmp_a_number": (edited_record(saving={"tmp": 5, "final": NEXT}), "5 is not a name"),
+    "settings_a_list": (edited_record(settings=[]), "settings is not a JSON object"),
+    "record_a_list": (lambda out, *_: (out / ".brain-run.json").write_text("[]"), "not a JSON obj"),
+    "record_a_folder": (replaced(".brain-run.json", "folder"), "not a regular file"),
+    "checkpoint_a_link": (replaced("checkpoint-000002", "link"), "checkpoint-000002 is a link"),
+    "checkpoint_read_only": (read_only_checkpoint, "cannot remove"),
+    "metrics_not_an_object": (appended_metrics(b"[1]"), "line 3: not a JSON object with an int"),
+    "metrics_step_a_string": (appended_metrics(b'{"step": "2"}'), "line 3: not a JSON object"),
+    "metrics_step_null": (appended_metrics(b'{"step": null}'), "line 3: not a JSON object"),
+    "metrics_bad_utf8": (appended_metrics(b'{"step": 1, "x": "\xff"}'), "jsonl: line 3: not JSON"),
+    "metrics_a_folder": (replaced("metrics.jsonl", "folder"), "metrics.jsonl: not a regular file"),
+    "metrics_a_link": (replaced("metrics.jsonl", "link"), "metrics.jsonl: not a regular file"),
+    "metrics_unreadable": (denied("metrics.jsonl", "open"), "cannot read"),
+    "leftover_a_link": (replaced(".tmp-metrics_jsonl", "link"), "not a regular file"),
+    "output_dir_unreadable": (denied(""), "permission denied"),
+    "state_step_a_string": (edited_state(lambda s: s.update(step="2")), "step is not a count"),
+    "state_adam_of_another_shape": (
+        edited_state(lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(3))),
+        "not this model's state (Adam's shapes differ",
+    ),
+    "weights_of_another_shape": (small_vocab_weights, "cannot load a causal LM"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_FOLDER_FAULTS)
+def test_a_run_folder_is_checked_not_trusted(
+    case, two_step_run, tiny_models, tmp_path, capsys, monkeypatch
+):
+    damage, expected = RUN_FOLDER_FAULTS[case]
+    out, victim = copy_run(two_step_run, tmp_path), tmp_path / "victim"
+    shutil.copytree(two_step_run / "checkpoint-000002", victim)  # a checkpoint-like folder
+    (tmp_path / "small_vocab_weights").mkdir()
+    shutil.copy(tiny_models / "small_vocab" / "model.safetensors", tmp_path / "small_vocab_weights")
+    damage(out, victim, monkeypatch)
+    before = snapshot(tmp_path)
+    code, _, err = cli(tiny_argv(tiny_models, out, "--steps", "4", "--resume"), capsys)
+    monkeypatch.undo()
+    assert code == 1, err
+    assert expected in one_line(err)
+    assert snapshot(tmp_path) == before
+
+
 def test_json_on_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
