@@ -5,6 +5,7 @@ log-probs token by token, exact evaluation against Monte Carlo.
     python -m pytest -q test_brain.py
 """
 
+import io
 import json
 import math
 import os
@@ -1408,6 +1409,162 @@ def test_a_run_folder_is_checked_not_trusted(
     assert code == 1, err
     assert expected in one_line(err)
     assert snapshot(tmp_path) == before
+
+
+def test_a_crash_in_the_first_write_leaves_a_folder_that_a_fresh_run_takes(
+    tiny_models, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".tmp-_brain_run_json").write_text('{"settings": {}, "chec')  # kill -9 while writing
+    argv = tiny_argv(tiny_models, out, "--steps", "1")
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".brain-run.json", "checkpoint-000001", "eval.json", "metrics.jsonl"
+    ]  # fmt: skip
+    (out / ".tmp-metrics_jsonl").write_text('{"step": 1}\n')  # a crash while trimming the log
+    (out / "eval.json").unlink()
+    code, _, err = cli([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert not list(out.glob(".tmp-*"))  # the run's own leftovers are removed
+
+
+# An input changed in place at the same path since the run began: --resume names what changed.
+def touched(path):  # the same bytes, a new modification time (weights rewritten in place)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+
+
+INPUT_CHANGES = {
+    "model_files": lambda inputs: touched(inputs / "lm" / "model.safetensors"),
+    "reward_model_files": lambda inputs: (inputs / "rm" / "config.json").write_text(
+        (inputs / "rm" / "config.json").read_text().replace('"n_layer": 1', '"n_layer":1')
+    ),
+    "prompts_sha256": lambda inputs: (inputs / "p.jsonl").write_text(
+        (inputs / "p.jsonl").read_text().replace("and was good", "and was bad")
+    ),  # a reference text
+    "micro_batch": None,  # the flag: bit-exactness needs the same micro-batches
+}
+
+
+def test_resume_refuses_inputs_changed_in_place(tiny_models, tmp_path, capsys):
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    shutil.copytree(tiny_models / "gpt2", inputs / "lm")
+    shutil.copytree(tiny_models / "rm", inputs / "rm")
+    shutil.copy(tiny_models / "prompts.jsonl", inputs / "p.jsonl")
+    argv = tiny_argv(tiny_models, out)
+    argv[argv.index("--steps") + 1] = "1"
+    for flag, value in (("--model", "lm"), ("--reward-model", "rm"), ("--prompts", "p.jsonl")):
+        argv[argv.index(flag) + 1] = str(inputs / value)
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    argv[argv.index("--steps") + 1] = "2"
+    pristine = {p: p.read_bytes() for p in inputs.rglob("*") if p.is_file()}
+    times = {p: p.stat().st_mtime_ns for p in pristine}
+    for key, change in INPUT_CHANGES.items():
+        change(inputs) if change else None
+        extra = ["--micro-batch", "3"] if key == "micro_batch" else []
+        before = snapshot(out)
+        code, _, err = cli([*argv, "--resume", *extra], capsys)
+        assert code == 1 and f"other settings than the run's: {key}: " in one_line(err), key
+        assert snapshot(out) == before
+        for p, data in pristine.items():  # back as it was
+            p.write_bytes(data)
+            os.utime(p, ns=(times[p], times[p]))
+    code, text, err = cli([*argv, "--resume"], capsys)
+    assert code == 0 and "steps 1 -> 2" in text, err
+
+
+def test_weights_are_readable_by_others_and_unreadable_inputs_are_named(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    code, _, err = cli(tiny_argv(tiny_models, out, "--steps", "1"), capsys)
+    assert code == 0, err
+    umask = os.umask(0o22)
+    os.umask(umask)
+    for p in (out / "checkpoint-000001").iterdir():  # safetensors alone would write 0600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+    weights_file = str(tiny_models / "gpt2" / "model.safetensors")
+    real_access, real_open = os.access, open
+    monkeypatch.setattr(os, "access", lambda p, m: str(p) != weights_file and real_access(p, m))
+    code, _, err = cli(tiny_argv(tiny_models, tmp_path / "b", "--steps", "1"), capsys)
+    assert code == 1 and "cannot read model.safetensors" in one_line(err)
+    monkeypatch.undo()
+
+    def unreadable(path, *args, **kwargs):
+        if str(path).endswith("prompts.jsonl"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(brain, "open", unreadable, raising=False)
+    code, _, err = cli(tiny_argv(tiny_models, tmp_path / "c", "--steps", "1"), capsys)
+    assert code == 1 and "cannot read --prompts" in one_line(err) and "Permission denied" in err
+
+
+class FailingStdout:  # a reader that left (| head -1) or a full disk (> /dev/full)
+    def __init__(self, error):
+        self.error = error
+
+    def write(self, text):
+        raise self.error
+
+    def flush(self):
+        raise self.error
+
+    def fileno(self):  # as io.StringIO: no file descriptor
+        raise io.UnsupportedOperation("fileno")
+
+
+@pytest.mark.parametrize("errno_, code_", [(32, 0), (28, 1)])
+def test_a_failing_stdout_ends_quietly_after_the_files_are_written(
+    errno_, code_, tmp_path, capsys, monkeypatch
+):
+    error = (BrokenPipeError if errno_ == 32 else OSError)(errno_, os.strerror(errno_))
+    monkeypatch.setattr(sys, "stdout", FailingStdout(error))
+    argv = ["--steps", "1", "--sft-steps", "1", "--sft-batch", "8", "--device", "cpu"]
+    code = brain.main([*argv, "--json", str(tmp_path / "r.json")])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == code_, err
+    assert "policy" in json.loads((tmp_path / "r.json").read_text())
+    if code_:
+        assert "cannot write the output (No space left on device)" in one_line(err)
+    else:
+        assert "Traceback" not in err
+
+
+def test_evaluation_is_batched_and_the_same_however_it_is_batched(tiny_models, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    words = ["the cat", "a dog", "the day", "a story", "the mat", "a cat", "the dog", "a day"]
+    texts = [f"{a} {b}" for a in words for b in ("sat", "ran")]  # 16 prompts: 3 held out
+    prompts.write_text(
+        "".join(json.dumps({"prompt": t, "reference": "good"}) + "\n" for t in texts)
+    )
+    argv = tiny_argv(tiny_models, tmp_path / "out", "--eval-samples", "2")
+    argv[argv.index("--prompts") + 1] = str(prompts)
+    argv.remove("--output-dir")
+    argv.remove(str(tmp_path / "out"))
+    run = brain.ModelRun(brain.parse_args(argv))
+    run.load()
+    sizes, real = [], brain.sample_completions
+
+    def counted(model, x, *args):
+        sizes.append(len(x))
+        return real(model, x, *args)
+
+    brain.sample_completions = counted
+    try:
+        whole = run.evaluate(run.model)
+        run.cfg = brain.replace(run.cfg, micro_batch=2)
+        sizes.clear()
+        batched = run.evaluate(run.model)
+    finally:
+        brain.sample_completions = real
+    assert sizes == [2] * 6  # 3 prompts x 2 samples, a prompt a batch, policy and SFT
+    assert batched["examples"] == whole["examples"] and len(whole["examples"]) == 3
+    for key in ("reward_policy", "reward_sft", "kl_policy_sft_mc", "win_rate_vs_reference"):
+        assert batched[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
 
 
 def test_json_on_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
