@@ -746,6 +746,7 @@ def run(cfg):
 # ================================================================================================
 import argparse  # Part II's own imports: Part I reads without them
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -753,6 +754,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from dataclasses import fields, replace
@@ -1043,12 +1045,15 @@ def load_prompts(path):
     read by the held-out evaluation (the policy's win rate over it); other keys are ignored, as
     are blank lines. A prompt is kept just once."""
     rows, lines = {}, 0
-    with open(path, "rb") as f:
-        for k, raw in enumerate(f, 1):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read --prompts {path}: {e.strerror}") from None
+    for k, raw in enumerate(data.split(b"\n"), 1):
+        if raw.strip():  # a blank line is skipped; a "null" is not a prompt
             try:
-                obj = json.loads(raw.decode("utf-8")) if raw.strip() else None
-                if obj is None:
-                    continue
+                obj = json.loads(raw.decode("utf-8"))
                 prompt, ref = obj["prompt"], obj.get("reference")
                 if not (isinstance(prompt, str) and prompt.strip() and isinstance(ref, str | None)):
                     raise TypeError
@@ -1081,6 +1086,20 @@ def model_source(name, flag):
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ValueError(f"{flag} {name!r}: no such folder, and not a Hub name (owner/model)")
     return name
+
+
+def files_stamp(source, flag):
+    """A folder's files as --resume compares them: each name, size and modification time, cheap
+    to read (a model replaced in place at the same path shows); a Hub name has none (None)."""
+    if not os.path.isdir(source):
+        return None
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(source), key=lambda e: e.name):
+        if entry.is_file():  # an unreadable file is named here, not "no such file" when loading
+            need(os.access(entry.path, os.R_OK), f"{flag} {source}: cannot read {entry.name}")
+            st = entry.stat()
+            digest.update(f"{entry.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_pretrained(name, classifier=False, trust_remote_code=False, quiet=False):
@@ -1172,24 +1191,55 @@ class TextTask:
 
 # The run folder (ours). A run owns its --output-dir: absent, empty, or marked as a run's by
 #    RUN_FILE, which records the settings, the checkpoint and a save in progress. The run holds an
-#    exclusive lock for its whole life, writes every file under a temporary name and renames it,
-#    and deletes only what RUN_FILE names as its own: faults are impossible by design.
-RUN_FILE, TRAINER_STATE = ".brain-run.json", "trainer_state.pt"
+#    exclusive lock for its whole life and writes every file under a temporary name, then renames
+#    it. A run folder is copied, shared and edited: whatever is read back from it is checked, not
+#    trusted (names, types), and only a real folder of the run's own, by its name, is ever deleted.
+RUN_FILE, TRAINER_STATE, METRICS = ".brain-run.json", "trainer_state.pt", "metrics.jsonl"
+CHECKPOINT, TMP = re.compile(r"checkpoint-[0-9]{6}"), re.compile(r"\.tmp-[A-Za-z0-9_]+")
 UMASK = os.umask(0o22)  # read once (and set back): temporary names get the usual permissions
 os.umask(UMASK)
 
 
-def write_atomic(path, write):
-    """write(f) into a temporary file beside `path`, then rename it: never a torn or empty file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+def temp_name(name):  # the run's own temporary name for one of its files (a crash leaves it)
+    return ".tmp-" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+LEFTOVERS = {temp_name(name) for name in (RUN_FILE, METRICS, "eval.json")}
+
+
+def write_atomic(path, write, tmp=None):
+    """write(f) into a temporary file beside `path`, then rename it: never a torn or empty file.
+    `tmp`: a run's own fixed name (a crash's leftover is known); else a fresh random one."""
+    made = None
     try:
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 is for secrets
+        if tmp:  # O_EXCL, O_NOFOLLOW: never into a file or a link that is there already
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+            os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 is for secrets
+        made = tmp
         with os.fdopen(fd, "w") as f:
             write(f)
         os.replace(tmp, path)
     except OSError as e:
-        os.unlink(tmp)  # ours
-        raise ValueError(f"cannot write {path}: {e.strerror}") from None
+        if made:
+            os.unlink(made)  # ours
+        raise ValueError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+
+
+def inside(path, folder):  # both resolved: links cannot hide where a path is
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def run_folder_above(path):
+    """The nearest folder above `path` (resolved) that holds a RUN_FILE: a run's; else None."""
+    here = os.path.dirname(os.path.realpath(path))
+    while not os.path.lexists(os.path.join(here, RUN_FILE)):
+        here, up = os.path.dirname(here), here
+        if here == up:
+            return None
+    return here
 
 
 class RunFolder:
@@ -1200,28 +1250,22 @@ class RunFolder:
         self.path, self.record = path, {"settings": settings, "checkpoint": None, "saving": None}
         if os.path.lexists(path) and not os.path.isdir(path):
             raise ValueError(f"--output-dir {path}: exists and is not a folder (or a broken link)")
-        if resume and not os.path.isfile(self.own(RUN_FILE)):
+        outer = run_folder_above(path)
+        need(not outer, f"--output-dir {path}: inside the run folder {outer}; choose another")
+        access = os.R_OK | os.X_OK | (os.W_OK if write else 0)
+        denied = os.path.isdir(path) and not os.access(path, access)
+        need(not denied, f"--output-dir {path}: permission denied (it must be readable, writable)")
+        if resume and not os.path.lexists(self.own(RUN_FILE)):  # a folder, a link: entries()
             raise ValueError(f"--resume: {path} holds no run of brain.py")
         if write:  # rank 0; the other processes of a torchrun only read, after it
-            os.makedirs(path, exist_ok=True)
-            self.lock = os.open(path, os.O_RDONLY)  # released with this object or the process
-            try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ValueError(f"--output-dir {path}: another run is using it") from None
-        entries = sorted(os.listdir(path))
+            self.lock = self.make_and_lock()
+        entries = self.entries(clear=write)
         if not entries:  # a fresh run: RUN_FILE is written before the run's first file
             return
         need(RUN_FILE in entries, f"--output-dir {path} holds {entries[0]!r} and is no run folder "
                                   "of brain.py: choose a new or empty folder")  # fmt: skip
-        try:
-            with open(self.own(RUN_FILE)) as f:
-                self.record = json.load(f)
-            missing = {"settings", "checkpoint", "saving"} - set(self.record)
-            need(not missing, f"no {', '.join(sorted(missing))}")
-            saved, done = self.record["settings"], self.record["checkpoint"] or "no checkpoint"
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{self.own(RUN_FILE)} is damaged ({first_line(e)})") from None
+        self.record = self.read_record()
+        saved, done = self.record["settings"], self.record["checkpoint"] or "no checkpoint"
         need(resume, f"{path} holds a run of brain.py ({done}): pass --resume to go on, or choose "
                      "another --output-dir")  # fmt: skip
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
@@ -1230,7 +1274,7 @@ class RunFolder:
         if write:
             self.finish_save()
         mine = self.record["checkpoint"]
-        strays = [e for e in os.listdir(path) if e.startswith("checkpoint-") and e != mine]
+        strays = [e for e in os.listdir(path) if CHECKPOINT.fullmatch(e) and e != mine]
         if strays:
             raise ValueError(f"{self.own(strays[0])}: not this run's checkpoint; move it away")
 
@@ -1241,8 +1285,81 @@ class RunFolder:
     def own(self, name):  # a path of this run's, by the name that RUN_FILE gives it
         return os.path.join(self.path, name)
 
+    def make_and_lock(self):
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            lock = os.open(self.path, os.O_RDONLY)  # released with this object or the process
+        except OSError as e:  # under a file, a name too long, /proc, a read-only parent
+            raise ValueError(f"cannot create --output-dir {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise ValueError(f"--output-dir {self.path}: another run is using it") from None
+        return lock
+
+    def entries(self, clear):
+        """The folder's entries but the run's own temporary files that a crash left (`clear`:
+        removed); the run's files that are there must be regular files, not links or folders."""
+        try:
+            entries = sorted(os.listdir(self.path))
+        except OSError as e:
+            raise ValueError(f"cannot read --output-dir {self.path}: {e.strerror}") from None
+        for name in (RUN_FILE, METRICS, "eval.json", *LEFTOVERS):
+            path = self.own(name)
+            if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+                raise ValueError(f"{path}: not a regular file (a link, or a folder); move it away")
+        if clear:
+            for name in LEFTOVERS.intersection(entries):
+                os.unlink(self.own(name))
+        return [e for e in entries if e not in LEFTOVERS]
+
+    def checked_name(self, name, pattern):
+        """A name read from RUN_FILE: a plain entry of this folder (no separator, no '..', not
+        absolute: the pattern says so), of the run's own pattern, and not a link."""
+        ok = isinstance(name, str) and pattern.fullmatch(name)
+        need(ok, f"{name!r} is not a name that the run gives ({pattern.pattern})")
+        need(not os.path.islink(self.own(name)), f"{name} is a link, not the run's folder")
+        return name
+
+    def read_record(self):
+        """RUN_FILE, parsed against its schema: {"settings": {...}, "checkpoint": a name or null,
+        "saving": null or {"tmp": a name, "final": a name}}; one line when it is not that."""
+        try:
+            with open(self.own(RUN_FILE), "rb") as f:
+                record = json.loads(f.read().decode("utf-8"))
+            need(isinstance(record, dict), "not a JSON object")
+            missing = {"settings", "checkpoint", "saving"} - set(record)
+            need(not missing, f"no {', '.join(sorted(missing))}")
+            need(isinstance(record["settings"], dict), "settings is not a JSON object")
+            if record["checkpoint"] is not None:
+                self.checked_name(record["checkpoint"], CHECKPOINT)
+            saving = record["saving"]
+            if saving is not None:
+                keys = isinstance(saving, dict) and sorted(saving) == ["final", "tmp"]
+                need(keys, 'saving is not {"tmp": ..., "final": ...}')
+                self.checked_name(saving["tmp"], TMP)
+                self.checked_name(saving["final"], CHECKPOINT)
+                need(saving["final"] != record["checkpoint"], "saving names the checkpoint")
+        except (OSError, ValueError, RecursionError) as e:  # UnicodeError is a ValueError
+            raise ValueError(f"{self.own(RUN_FILE)} is damaged ({first_line(e)})") from None
+        return record
+
     def save_record(self):
-        write_atomic(self.own(RUN_FILE), lambda f: json.dump(self.record, f, indent=1))
+        write = lambda f: json.dump(self.record, f, indent=1)  # noqa: E731
+        write_atomic(self.own(RUN_FILE), write, self.own(temp_name(RUN_FILE)))
+
+    def remove(self, name):
+        """The one place that deletes: a real folder inside this one (not a link), named by the
+        run's patterns and recorded by the run (RUN_FILE, checked when read, or this process)."""
+        path = self.own(name)
+        need(CHECKPOINT.fullmatch(name) or TMP.fullmatch(name), f"{name!r}: not the run's")
+        if os.path.islink(path) or not os.path.isdir(path):
+            return
+        try:
+            shutil.rmtree(path)
+        except OSError as e:  # read-only: the record still names it; the next resume tries again
+            raise ValueError(f"cannot remove {path} ({e.strerror}): make it writable") from None
 
     def finish_save(self):
         """The save in progress, or one a crash cut short: once renamed into place its checkpoint
@@ -1253,8 +1370,8 @@ class RunFolder:
         drop = saving["tmp"]
         if os.path.isfile(os.path.join(self.own(saving["final"]), TRAINER_STATE)):  # renamed
             drop, self.record["checkpoint"] = self.record["checkpoint"], saving["final"]
-        if drop and os.path.isdir(self.own(drop)):
-            shutil.rmtree(self.own(drop))
+        if drop:
+            self.remove(drop)
         self.record["saving"] = None
         self.save_record()
 
@@ -1266,8 +1383,10 @@ class RunFolder:
         path = os.path.join(folder, TRAINER_STATE)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            need(isinstance(state, dict), "not a dict")
             missing = {"step", "optimizer", "stream", "proposal"} - set(state)
             need(not missing, f"no {', '.join(sorted(missing))}")
+            need(type(state["step"]) is int and state["step"] >= 0, "step is not a count")
             torch.Generator(device).set_state(state["stream"])  # the same device type
         except Exception as e:
             raise ValueError(f"{path}: damaged or from another device ({first_line(e)})") from None
@@ -1277,22 +1396,26 @@ class RunFolder:
         return state, folder
 
     def save_checkpoint(self, step, policy, proposal, sft, tokenizer, opt, stream):
-        """Write a checkpoint under a temporary name, rename it, then drop the one before it."""
+        """Write a checkpoint under a temporary name (recorded first: a crash's leftover is known),
+        rename it, then drop the one before it."""
         name = f"checkpoint-{step:06d}"
-        if os.path.lexists(self.own(name)):
-            raise ValueError(f"{self.own(name)}: not this run's; move it away, then --resume")
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.path)
-        os.chmod(tmp, 0o777 & ~UMASK)
-        self.record["saving"] = {"tmp": os.path.basename(tmp), "final": name}
+        tmp = temp_name(name)
+        for path in map(self.own, (name, tmp)):
+            if os.path.lexists(path):
+                raise ValueError(f"{path}: not this run's; move it away, then --resume")
+        self.record["saving"] = {"tmp": tmp, "final": name}
         self.save_record()
         own_proposal = proposal is not sft and proposal is not policy  # a refreshed copy
         state = {"step": step, "optimizer": opt.state_dict(), "stream": stream.get_state(),
                  "proposal": proposal.state_dict() if own_proposal else None}  # fmt: skip
         try:
-            policy.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            torch.save(state, os.path.join(tmp, TRAINER_STATE))
-            os.rename(tmp, self.own(name))
+            os.mkdir(self.own(tmp))  # the usual permissions, as every file below
+            policy.save_pretrained(self.own(tmp))
+            tokenizer.save_pretrained(self.own(tmp))
+            torch.save(state, os.path.join(self.own(tmp), TRAINER_STATE))
+            for entry in os.scandir(self.own(tmp)):  # safetensors writes 0600: others could not
+                os.chmod(entry.path, (0o777 if entry.is_dir() else 0o666) & ~UMASK)  # resume
+            os.rename(self.own(tmp), self.own(name))
         except (OSError, RuntimeError) as e:  # a full disk: the previous checkpoint stays
             self.finish_save()  # drops the temporary folder
             raise ValueError(f"cannot write {self.own(name)}: {first_line(e)}") from None
@@ -1300,27 +1423,39 @@ class RunFolder:
         return self.own(name)
 
     def trim_metrics(self, step):
-        """The log up to the resumed step (a torn last line, a crash while writing, is dropped)."""
-        path, kept = self.own("metrics.jsonl"), []
+        """The log up to the resumed step, each line a JSON object with an integer step (a torn
+        last line, a crash while it was written, is dropped with a note)."""
+        path, kept = self.own(METRICS), []
         if not os.path.exists(path):
             return
-        with open(path) as f:
-            lines = f.read().splitlines()
-        for k, line in enumerate(lines, 1):
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        lines = lines[:-1] if lines[-1] == b"" else lines
+        for k, raw in enumerate(lines, 1):
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line + "\n")
-            except ValueError:
+                line = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError) as e:  # UnicodeError is a ValueError
                 if k < len(lines):
-                    raise ValueError(f"{path}: line {k} is not JSON; fix or remove it") from None
+                    raise ValueError(f"{path}: line {k}: not JSON ({first_line(e)})") from None
                 print(f"note: {path}: dropped a torn last line (a crash while it was written)")
-        write_atomic(path, lambda f: f.writelines(kept))
+                continue
+            ok = isinstance(line, dict) and type(line.get("step")) is int
+            need(ok, f'{path}: line {k}: not a JSON object with an integer "step"')
+            if line["step"] <= step:
+                kept.append(raw.decode("utf-8") + "\n")
+        write_atomic(path, lambda f: f.writelines(kept), self.own(temp_name(METRICS)))
 
     def log(self, record):
         if not os.path.isfile(self.own(RUN_FILE)):  # the run's first write: mark the folder
             self.save_record()
-        with open(self.own("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.own(METRICS), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise ValueError(f"cannot write {self.own(METRICS)}: {e.strerror}") from None
 
 
 @contextlib.contextmanager
@@ -1426,18 +1561,39 @@ def log_line(step, steps, stats, held_out=None):
               flush=True)  # fmt: skip
 
 
+def check_fits(state, policy, folder):
+    """A checkpoint's Adam states and refreshed proposal have the policy's shapes (a checkpoint of
+    another model would crash in the first step, or train on garbage): one line if not."""
+    shapes = [p.shape for p in policy.parameters()]
+    try:
+        ids = [i for group in state["optimizer"]["param_groups"] for i in group["params"]]
+        need(len(ids) == len(shapes), f"Adam has {len(ids)} tensors, the model {len(shapes)}")
+        adam = state["optimizer"]["state"]
+        for i, shape in zip(ids, shapes, strict=True):
+            moments = [v for k, v in adam.get(i, {}).items() if k != "step"]
+            need(all(v.shape == shape for v in moments), "Adam's shapes differ from the model's")
+        own = policy.state_dict()
+        proposal = state["proposal"] or own
+        need(proposal.keys() == own.keys(), "the proposal's tensors differ from the model's")
+        need(all(v.shape == own[k].shape for k, v in proposal.items()), "the proposal's shapes")
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        path = os.path.join(folder, TRAINER_STATE)
+        raise ValueError(f"{path}: not this model's state ({first_line(e)})") from None
+
+
 class ModelRun:
     """--model: train a Hugging Face causal LM against a reward model, checkpoint, evaluate. All
     that needs no model is checked when it is made (Args.validate, then here), before any load."""
 
     def __init__(self, cfg):
-        same = "method dpo_labels beta lr prompts_per_step n_samples refresh_every seed"
+        same = "method dpo_labels beta lr prompts_per_step n_samples refresh_every seed micro_batch"
         self.keys = {k: getattr(cfg, k) for k in [*same.split(), "reward_label", "max_new_tokens"]}
-        self.keys["model"] = model_source(cfg.model, "--model")  # keys: what --resume keeps
-        self.keys["reward_model"] = model_source(cfg.reward_model, "--reward-model")
+        for name in ("model", "reward_model"):  # keys: what --resume keeps, the files' too
+            self.keys[name] = model_source(getattr(cfg, name), flag(name))
+            self.keys[f"{name}_files"] = files_stamp(self.keys[name], flag(name))
         self.rows, self.keys["prompts"] = load_prompts(cfg.prompts), os.path.abspath(cfg.prompts)
-        digest = hashlib.sha256(json.dumps([r["prompt"] for r in self.rows]).encode()).hexdigest()
-        self.keys["prompts_sha256"] = digest[:16]
+        texts = [[r["prompt"], r["reference"]] for r in self.rows]
+        self.keys["prompts_sha256"] = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
         self.device, self.rank, self.n_procs = setup_distributed(cfg)
         if cfg.prompts_per_step % self.n_procs:
             raise ValueError(f"prompts_per_step must be a multiple of the {self.n_procs} processes")
@@ -1487,15 +1643,16 @@ class ModelRun:
         eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
         self.task = TextTask(self.train_rows, tok, rm, cfg.max_new_tokens, eos, device)
         self.eval_task = TextTask(self.eval_rows, tok, rm, cfg.max_new_tokens, eos, device)
-        if not cfg.micro_batch and device.type == "cpu":  # (ours) at most ~2^27 logits a pass
+        if not cfg.micro_batch and device.type == "cpu":  # (ours) at most ~2^26 logits a pass
             length = self.task.prompt_ids.shape[1] + cfg.max_new_tokens
-            fits = max(1, 2**27 // (length * len(tok) * cfg.n_samples)) * cfg.n_samples
+            fits = max(1, 2**26 // (length * len(tok) * cfg.n_samples)) * cfg.n_samples
             fits = 0 if fits >= cfg.prompts_per_step * cfg.n_samples else fits  # 0: all at once
             self.cfg = replace(cfg, micro_batch=fits)
         self.sft, self.tokenizer = frozen(sft.to(device)), tok  # frozen() copies: sft is free
         policy = sft  # the policy starts at the SFT model, or at the checkpoint's weights
         if self.resume_from:
             policy = load_pretrained(self.resume_from, False, remote, True)[0]
+            check_fits(self.state, policy, self.resume_from)
         self.model = policy.to(device).requires_grad_(True)
         if self.n_procs > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -1532,37 +1689,54 @@ class ModelRun:
             saved = f"; checkpoint saved in {cfg.output_dir}, go on with --resume" * bool(folder)
             raise KeyboardInterrupt(f"interrupted after step {step}{saved}")  # main prints it
 
+    def eval_batch(self, policy, prompts, u_policy, u_sft):
+        """One batch of the evaluation: `prompts` (a slice) and their samples' scores."""
+        task, sft, k, T = self.eval_task, self.sft, self.cfg.eval_samples, self.cfg.max_new_tokens
+        x, xm = (t[prompts].repeat_interleave(k, 0) for t in (task.prompt_ids, task.prompt_mask))
+        eos, pad = task.eos_id, task.pad_id
+        with autocast(self.device):
+            y, ym, policy_logp = sample_completions(policy, x, xm, T, eos, pad, u_policy)
+            y0, ym0, _ = sample_completions(sft, x, xm, T, eos, pad, u_sft)
+            sft_logp = sequence_logprobs(sft, *join(x, xm, y, ym), eos)
+            if self.device.type == "cuda":  # under bf16 the sampler's cached pass differs a little
+                policy_logp = sequence_logprobs(policy, *join(x, xm, y, ym), eos)
+        first = slice(0, max(0, 4 - prompts.start) * k, k)  # the first sample of 4 prompts
+        texts = task.texts(x[first], xm[first], y[first], ym[first]) if prompts.start < 4 else []
+        rewards = task.reward(x, xm, y, ym), task.reward(x, xm, y0, ym0)
+        return (policy_logp - sft_logp).double(), *rewards, texts
+
     @torch.no_grad()
     def evaluate(self, policy):
         """Held-out prompts, --eval-samples completions each from the policy and the SFT model:
         mean rewards, win rates judged by the reward model (ties count half), and a Monte Carlo
-        (MC) estimate of KL(policy || SFT) = E_policy[log q(y|x) - log p(y|x)], with its error."""
-        cfg, device, task, sft = self.cfg, self.device, self.eval_task, self.sft
-        rows, k, T = self.eval_rows, cfg.eval_samples, task.max_new_tokens
-        x, xm = (t.repeat_interleave(k, 0) for t in (task.prompt_ids, task.prompt_mask))
+        (MC) estimate of KL(policy || SFT) = E_policy[log q(y|x) - log p(y|x)], with its error. In
+        batches of --micro-batch samples (or a step's): memory does not grow with the prompts."""
+        cfg, device, task, rows = self.cfg, self.device, self.eval_task, self.eval_rows
+        k, size = cfg.eval_samples, cfg.micro_batch or cfg.prompts_per_step * cfg.n_samples
+        n = max(1, size // k)  # prompts a batch
         gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-        u = lambda: torch.rand(len(x), T, device=device, generator=gen)  # noqa: E731
-        with autocast(device):
-            y, ym, policy_logp = sample_completions(policy, x, xm, T, task.eos_id, task.pad_id, u())
-            y0, ym0, _ = sample_completions(sft, x, xm, T, task.eos_id, task.pad_id, u())
-            sft_logp = sequence_logprobs(sft, *join(x, xm, y, ym), task.eos_id)
-            if device.type == "cuda":  # under bf16 the sampler's cached pass differs a little
-                policy_logp = sequence_logprobs(policy, *join(x, xm, y, ym), task.eos_id)
-        r_policy, r_sft = task.reward(x, xm, y, ym), task.reward(x, xm, y0, ym0)
+        shape = (len(rows) * k, cfg.max_new_tokens)  # the same numbers however it is batched
+        u_policy, u_sft = (torch.rand(shape, device=device, generator=gen) for _ in range(2))
+        parts = []
+        for a in range(0, len(rows), n):
+            cols = slice(a * k, (a + n) * k)
+            parts.append(self.eval_batch(policy, slice(a, a + n), u_policy[cols], u_sft[cols]))
+        log_ratio, r_policy, r_sft = (torch.cat(t) for t in list(zip(*parts, strict=True))[:3])
+        texts = zip(rows[:4], [t for part in parts for t in part[3]], strict=True)
         wins = lambda a, b: ((a > b).float() + 0.5 * (a == b).float()).mean().item()  # noqa: E731
-        log_ratio, first = (policy_logp - sft_logp).double(), slice(0, 4 * k, k)  # 4 prompts' first
-        texts = zip(rows[:4], task.texts(x[first], xm[first], y[first], ym[first]), strict=True)
+        se = (log_ratio.std() / len(log_ratio) ** 0.5).nan_to_num().item()
         out = dict(prompts=len(rows), samples_per_prompt=k, reward_policy=r_policy.mean().item(),
                    reward_sft=r_sft.mean().item(), win_rate_vs_sft=wins(r_policy, r_sft),
-                   kl_policy_sft_mc=log_ratio.mean().item(),
-                   kl_policy_sft_mc_se=(log_ratio.std() / len(x) ** 0.5).nan_to_num().item(),
+                   kl_policy_sft_mc=log_ratio.mean().item(), kl_policy_sft_mc_se=se,
                    examples=[dict(prompt=r["prompt"], text=t) for r, t in texts])  # fmt: skip
         with_ref = [i for i, r in enumerate(rows) if r["reference"]]
         if with_ref:  # prompt + reference, through the same tokenizer and decoding as the samples
             tok, plain = task.tokenizer, dict(add_special_tokens=False)
             ids = [tok(rows[i]["prompt"]).input_ids + tok(rows[i]["reference"], **plain).input_ids
                    for i in with_ref]  # fmt: skip
-            r_ref = task.rm.score(tok.batch_decode(ids, skip_special_tokens=True)).to(device)
+            texts = tok.batch_decode(ids, skip_special_tokens=True)
+            batches = range(0, len(texts), size)
+            r_ref = torch.cat([task.rm.score(texts[a : a + size]) for a in batches]).to(device)
             r_pol = r_policy.view(len(rows), k)[with_ref]
             out["win_rate_vs_reference"] = wins(r_pol, r_ref[:, None].expand_as(r_pol))
             out["reward_reference"] = r_ref.mean().item()
@@ -1596,10 +1770,10 @@ class ModelRun:
             if self.rank == 0:  # the held-out evaluation (done when --eval-every reached the end)
                 results = self.last_eval or self.evaluate(policy)
                 results.update(config=asdict(cfg), train_s=round(time.time() - self.t0, 2))
-                print_text_results(results)
-                if self.folder:
-                    eval_json = self.folder.own("eval.json")
-                    write_atomic(eval_json, lambda f: json.dump(results, f, indent=2))
+                if self.folder:  # written before anything is printed (main prints the results)
+                    own = self.folder.own
+                    write = lambda f: json.dump(results, f, indent=2)  # noqa: E731
+                    write_atomic(own("eval.json"), write, own(temp_name("eval.json")))
         if self.n_procs > 1:
             dist.barrier()
             dist.destroy_process_group()
@@ -1786,13 +1960,17 @@ class Args(Config):
             there = os.path.exists(self.prompts)
             what = "a folder" if os.path.isdir(self.prompts) else "not a regular file"
             raise ValueError(f"--prompts {self.prompts}: {what if there else 'no such file'}")
-        if self.json:  # a file in a folder that exists, and none of the run's inputs
-            path, parent = os.path.abspath(self.json), os.path.dirname(os.path.abspath(self.json))
-            need(not os.path.isdir(path), f"--json {self.json}: a folder")
-            need(os.access(parent, os.W_OK), f"--json {self.json}: cannot write in {parent}")
+        if self.json:  # a regular file (or none yet), outside the run's inputs and run folders
+            path, where = os.path.realpath(self.json), f"--json {self.json}"
+            need(not os.path.isdir(path), f"{where}: a folder")
+            kind = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG
+            need(stat.S_ISREG(kind), f"{where}: not a regular file (a device, a pipe...)")
             inputs = filter(None, (self.prompts, self.model, self.reward_model))
-            inside = any((path + os.sep).startswith(os.path.abspath(p) + os.sep) for p in inputs)
-            need(not inside, f"--json {self.json}: an input of the run (or inside one)")
+            need(not any(inside(path, p) for p in inputs), f"{where}: an input of the run")
+            out = self.output_dir if self.output_dir and inside(path, self.output_dir) else None
+            folder = run_folder_above(path) or out
+            need(not folder, f"{where}: inside a run folder ({folder}); write it elsewhere")
+            need(os.access(os.path.dirname(path), os.W_OK), f"{where}: cannot write in its folder")
         return self
 
     def variants(self):
@@ -1841,8 +2019,31 @@ def parse_args(argv=None):
         p.error(str(e))
 
 
+def show(args, results):  # the results on screen, once every file is written
+    if args.model and results is not None:
+        print_text_results(results)
+    elif not (args.bench or args.compare or args.model):
+        print_run(results)
+    if args.json and results is not None:
+        print(f"\nmetrics written to {args.json}")
+    sys.stdout.flush()  # a stdout that fails fails here, in main, not at the exit
+
+
+def output_gone(e, done):
+    """stdout failed: a reader that left (| head -1) or a full disk (> /dev/full). The files are
+    written before anything is printed; what is left of the output goes nowhere, quietly."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError, ValueError):  # ValueError: no file descriptor (a test's)
+        os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    if e.errno == errno.EPIPE:  # the reader has what it wanted
+        return 0 if done else 1
+    print(f"brain.py: error: cannot write the output ({e.strerror})", file=sys.stderr)
+    return 1
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    args, results = parse_args(argv), None
     try:
         if args.bench:
             results = bench(args)
@@ -1852,10 +2053,10 @@ def main(argv=None):
             lrs = [float(x) for x in args.lrs.split(",")]
             results = compare(args, args.seeds, args.variants(), lrs)
         else:
-            print_run(results := run(args))
-        if args.json and results is not None:
-            write_atomic(args.json, lambda f: json.dump(results, f, indent=2))
-            print(f"\nmetrics written to {args.json}")
+            results = run(args)
+        if args.json and results is not None:  # checked in Args.validate: a regular file
+            write_atomic(os.path.realpath(args.json), lambda f: json.dump(results, f, indent=2))
+        show(args, results)
     except ValueError as e:  # our checks: one line, no traceback
         print(f"brain.py: error: {e}", file=sys.stderr)
         return 1
@@ -1866,6 +2067,10 @@ def main(argv=None):
         hint = "try a smaller --micro-batch, --prompts-per-step or --n-samples"
         print(f"brain.py: error: out of memory ({first_line(e)}): {hint}", file=sys.stderr)
         return 1
+    except OSError as e:  # stdout, the only file that is not ours to check
+        if e.errno not in (errno.EPIPE, errno.ENOSPC):
+            raise
+        return output_gone(e, results is not None)
     return 0
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -856,10 +857,27 @@ BAD_INPUTS = {
     "model_a_classifier": ("load", "cannot load a causal LM"),
     "model_small_vocabulary": ("load", "its tokenizer has 19 tokens, the model 15"),
     "prompt_too_long": ("load", "line 2: the prompt is 30 tokens; with --max-new-tokens 6"),
+    "prompts_null_line": ("files", "line 2: each line is"),
+    "json_a_fifo": ("args", ": not a regular file"),
+    "json_a_device": ("args", ": not a regular file"),
+    "json_is_the_output_dir": ("args", "inside a run folder"),
+    "json_inside_the_output_dir": ("args", "inside a run folder"),
+    "json_inside_a_run_folder": ("args", "inside a run folder"),
+    "json_inside_a_checkpoint": ("args", "inside a run folder"),
+    "output_dir_inside_a_checkpoint": ("files", "inside the run folder"),
+    "output_dir_under_a_file": ("files", "cannot create --output-dir"),
+    "output_dir_name_too_long": ("files", "File name too long"),
+    "output_dir_in_proc": ("files", "cannot create --output-dir /proc/x"),
 }
 
 
 LONG_PROMPT = json.dumps({"prompt": "the cat " * 15})  # 30 tokens: no room for 6 more in 32
+
+
+def device_node(path):  # a character device in the test's own folder (root only)
+    if os.geteuid() != 0:
+        pytest.skip("creating a device node needs root")
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
 
 
 def bad_input_argv(case, root, tmp):
@@ -877,6 +895,10 @@ def bad_input_argv(case, root, tmp):
     def prompts(text, raw=False):
         (tmp / "p.jsonl").write_bytes(text if raw else text.encode())
         return swap("--prompts", tmp / "p.jsonl")
+
+    def old_run():  # another run's folder, with a checkpoint
+        (tmp / "old" / "checkpoint-000001").mkdir(parents=True)
+        (tmp / "old" / ".brain-run.json").write_text('{"settings": {}}')
 
     (tmp / "results").mkdir()
     plain = {  # the embedded world's flags
@@ -928,6 +950,20 @@ def bad_input_argv(case, root, tmp):
         "model_a_classifier": lambda: swap("--model", root / "rm"),
         "model_small_vocabulary": lambda: swap("--model", root / "small_vocab"),
         "prompt_too_long": lambda: prompts('{"prompt": "a"}\n' + LONG_PROMPT),
+        "prompts_null_line": lambda: prompts('{"prompt": "a"}\nnull\n'),
+        # the test's own FIFO and device node (as /dev/null's), never the system's
+        "json_a_fifo": lambda: made(os.mkfifo(tmp / "fifo")) + ["--json", str(tmp / "fifo")],
+        "json_a_device": lambda: made(device_node(tmp / "null")) + ["--json", str(tmp / "null")],
+        "json_is_the_output_dir": lambda: argv + ["--json", str(out)],
+        "json_inside_the_output_dir": lambda: argv + ["--json", str(out / "r.json")],
+        "json_inside_a_run_folder": lambda: made(old_run()) + ["--json", str(tmp / "old/r.json")],
+        "json_inside_a_checkpoint": lambda: made(old_run())
+        + ["--json", str(tmp / "old/checkpoint-000001/r.json")],
+        "output_dir_inside_a_checkpoint": lambda: made(old_run())
+        and swap("--output-dir", tmp / "old/checkpoint-000001/run"),
+        "output_dir_under_a_file": lambda: swap("--output-dir", tmp / "notes.txt" / "out"),
+        "output_dir_name_too_long": lambda: swap("--output-dir", tmp / ("x" * 300)),
+        "output_dir_in_proc": lambda: swap("--output-dir", "/proc/x"),
     }  # fmt: skip
     return cases[case]()
 
@@ -1273,6 +1309,301 @@ def test_a_damaged_run_is_one_line_on_resume(damage, two_step_run, tmp_path, tin
         and (".brain-run.json" if damage == "run_file" else "trainer_state") in line
     )
     assert snapshot(out) == before
+
+
+# A run folder is untrusted input. name -> (what is done to a copy of a finished 2-step run, the
+# words of the one line that --resume gives). `victim`: a folder beside the run that a file names;
+# nothing under the test's folder changes, the victim included.
+def edited_record(**changes):  # RUN_FILE with some of its fields replaced (a callable: of victim)
+    def damage(out, victim, monkeypatch):
+        record = json.loads((out / ".brain-run.json").read_text())
+        record.update({k: v(victim) if callable(v) else v for k, v in changes.items()})
+        (out / ".brain-run.json").write_text(json.dumps(record))
+
+    return damage
+
+
+def appended_metrics(line):  # a bad line, then a good one (a torn last line is dropped instead)
+    def damage(out, victim, monkeypatch):
+        with open(out / "metrics.jsonl", "ab") as f:
+            f.write(line + b'\n{"step": 1}\n')
+
+    return damage
+
+
+def edited_state(edit):
+    def damage(out, victim, monkeypatch):
+        path = out / "checkpoint-000002" / "trainer_state.pt"
+        state = torch.load(path, weights_only=True)
+        edit(state)
+        torch.save(state, path)
+
+    return damage
+
+
+def replaced(name, by):  # an entry of the run replaced: "link" (to the victim), "folder", "file"
+    def damage(out, victim, monkeypatch):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        {"link": lambda: path.symlink_to(victim), "folder": path.mkdir}[by]()
+
+    return damage
+
+
+def denied(name, call="access"):  # as if the permission were missing (the tests may run as root)
+    def damage(out, victim, monkeypatch):
+        path = str(out / name)
+        if call == "access":
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, m: str(p) != path and real(p, m))
+        else:
+            real = open
+
+            def refuse(p, *args, **kwargs):
+                if str(p) == path:
+                    raise PermissionError(13, "Permission denied")
+                return real(p, *args, **kwargs)
+
+            monkeypatch.setattr(brain, "open", refuse, raising=False)
+
+    return damage
+
+
+def read_only_checkpoint(out, victim, monkeypatch):  # a save cut short, its leftover read-only
+    (out / ".tmp-old").mkdir()
+    edited_record(saving={"tmp": ".tmp-old", "final": "checkpoint-000004"})(out, victim, None)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+
+
+def small_vocab_weights(out, victim, monkeypatch):
+    shutil.copy(
+        victim.parent / "small_vocab_weights" / "model.safetensors", out / "checkpoint-000002"
+    )
+
+
+UP, NEXT = "../victim", "checkpoint-000004"
+RUN_FOLDER_FAULTS = {
+    "saving_tmp_up": (
+        edited_record(saving={"tmp": UP, "final": NEXT}),
+        "'../victim' is not a name",
+    ),
+    "saving_tmp_absolute": (
+        edited_record(saving=lambda v: {"tmp": str(v), "final": NEXT}),
+        "victim' is not a name",
+    ),
+    "saving_tmp_the_checkpoint": (
+        edited_record(saving={"tmp": "checkpoint-000002", "final": NEXT}),
+        "'checkpoint-000002' is not a name that the run gives",
+    ),
+    "saving_final_up": (edited_record(saving={"tmp": ".tmp-x", "final": UP}), "is not a name"),
+    "saving_final_the_checkpoint": (
+        edited_record(saving={"tmp": ".tmp-x", "final": "checkpoint-000002"}),
+        "saving names the checkpoint",
+    ),
+    "checkpoint_up": (edited_record(checkpoint=UP), "'../victim' is not a name"),
+    "checkpoint_absolute": (edited_record(checkpoint=str), "victim' is not a name"),
+    "checkpoint_a_number": (edited_record(checkpoint=2), "2 is not a name"),
+    "saving_a_string": (edited_record(saving="x"), 'saving is not {"tmp": ..., "final": ...}'),
+    "tmp_a_number": (edited_record(saving={"tmp": 5, "final": NEXT}), "5 is not a name"),
+    "settings_a_list": (edited_record(settings=[]), "settings is not a JSON object"),
+    "record_a_list": (lambda out, *_: (out / ".brain-run.json").write_text("[]"), "not a JSON obj"),
+    "record_a_folder": (replaced(".brain-run.json", "folder"), "not a regular file"),
+    "checkpoint_a_link": (replaced("checkpoint-000002", "link"), "checkpoint-000002 is a link"),
+    "checkpoint_read_only": (read_only_checkpoint, "cannot remove"),
+    "metrics_not_an_object": (appended_metrics(b"[1]"), "line 3: not a JSON object with an int"),
+    "metrics_step_a_string": (appended_metrics(b'{"step": "2"}'), "line 3: not a JSON object"),
+    "metrics_step_null": (appended_metrics(b'{"step": null}'), "line 3: not a JSON object"),
+    "metrics_bad_utf8": (appended_metrics(b'{"step": 1, "x": "\xff"}'), "jsonl: line 3: not JSON"),
+    "metrics_a_folder": (replaced("metrics.jsonl", "folder"), "metrics.jsonl: not a regular file"),
+    "metrics_a_link": (replaced("metrics.jsonl", "link"), "metrics.jsonl: not a regular file"),
+    "metrics_unreadable": (denied("metrics.jsonl", "open"), "cannot read"),
+    "leftover_a_link": (replaced(".tmp-metrics_jsonl", "link"), "not a regular file"),
+    "output_dir_unreadable": (denied(""), "permission denied"),
+    "state_step_a_string": (edited_state(lambda s: s.update(step="2")), "step is not a count"),
+    "state_adam_of_another_shape": (
+        edited_state(lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(3))),
+        "not this model's state (Adam's shapes differ",
+    ),
+    "weights_of_another_shape": (small_vocab_weights, "cannot load a causal LM"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_FOLDER_FAULTS)
+def test_a_run_folder_is_checked_not_trusted(
+    case, two_step_run, tiny_models, tmp_path, capsys, monkeypatch
+):
+    damage, expected = RUN_FOLDER_FAULTS[case]
+    out, victim = copy_run(two_step_run, tmp_path), tmp_path / "victim"
+    shutil.copytree(two_step_run / "checkpoint-000002", victim)  # a checkpoint-like folder
+    (tmp_path / "small_vocab_weights").mkdir()
+    shutil.copy(tiny_models / "small_vocab" / "model.safetensors", tmp_path / "small_vocab_weights")
+    damage(out, victim, monkeypatch)
+    before = snapshot(tmp_path)
+    code, _, err = cli(tiny_argv(tiny_models, out, "--steps", "4", "--resume"), capsys)
+    monkeypatch.undo()
+    assert code == 1, err
+    assert expected in one_line(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_crash_in_the_first_write_leaves_a_folder_that_a_fresh_run_takes(
+    tiny_models, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".tmp-_brain_run_json").write_text('{"settings": {}, "chec')  # kill -9 while writing
+    argv = tiny_argv(tiny_models, out, "--steps", "1")
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".brain-run.json", "checkpoint-000001", "eval.json", "metrics.jsonl"
+    ]  # fmt: skip
+    (out / ".tmp-metrics_jsonl").write_text('{"step": 1}\n')  # a crash while trimming the log
+    (out / "eval.json").unlink()
+    code, _, err = cli([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert not list(out.glob(".tmp-*"))  # the run's own leftovers are removed
+
+
+# An input changed in place at the same path since the run began: --resume names what changed.
+def touched(path):  # the same bytes, a new modification time (weights rewritten in place)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+
+
+INPUT_CHANGES = {
+    "model_files": lambda inputs: touched(inputs / "lm" / "model.safetensors"),
+    "reward_model_files": lambda inputs: (inputs / "rm" / "config.json").write_text(
+        (inputs / "rm" / "config.json").read_text().replace('"n_layer": 1', '"n_layer":1')
+    ),
+    "prompts_sha256": lambda inputs: (inputs / "p.jsonl").write_text(
+        (inputs / "p.jsonl").read_text().replace("and was good", "and was bad")
+    ),  # a reference text
+    "micro_batch": None,  # the flag: bit-exactness needs the same micro-batches
+}
+
+
+def test_resume_refuses_inputs_changed_in_place(tiny_models, tmp_path, capsys):
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    shutil.copytree(tiny_models / "gpt2", inputs / "lm")
+    shutil.copytree(tiny_models / "rm", inputs / "rm")
+    shutil.copy(tiny_models / "prompts.jsonl", inputs / "p.jsonl")
+    argv = tiny_argv(tiny_models, out)
+    argv[argv.index("--steps") + 1] = "1"
+    for flag, value in (("--model", "lm"), ("--reward-model", "rm"), ("--prompts", "p.jsonl")):
+        argv[argv.index(flag) + 1] = str(inputs / value)
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    argv[argv.index("--steps") + 1] = "2"
+    pristine = {p: p.read_bytes() for p in inputs.rglob("*") if p.is_file()}
+    times = {p: p.stat().st_mtime_ns for p in pristine}
+    for key, change in INPUT_CHANGES.items():
+        change(inputs) if change else None
+        extra = ["--micro-batch", "3"] if key == "micro_batch" else []
+        before = snapshot(out)
+        code, _, err = cli([*argv, "--resume", *extra], capsys)
+        assert code == 1 and f"other settings than the run's: {key}: " in one_line(err), key
+        assert snapshot(out) == before
+        for p, data in pristine.items():  # back as it was
+            p.write_bytes(data)
+            os.utime(p, ns=(times[p], times[p]))
+    code, text, err = cli([*argv, "--resume"], capsys)
+    assert code == 0 and "steps 1 -> 2" in text, err
+
+
+def test_weights_are_readable_by_others_and_unreadable_inputs_are_named(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    code, _, err = cli(tiny_argv(tiny_models, out, "--steps", "1"), capsys)
+    assert code == 0, err
+    umask = os.umask(0o22)
+    os.umask(umask)
+    for p in (out / "checkpoint-000001").iterdir():  # safetensors alone would write 0600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+    weights_file = str(tiny_models / "gpt2" / "model.safetensors")
+    real_access, real_open = os.access, open
+    monkeypatch.setattr(os, "access", lambda p, m: str(p) != weights_file and real_access(p, m))
+    code, _, err = cli(tiny_argv(tiny_models, tmp_path / "b", "--steps", "1"), capsys)
+    assert code == 1 and "cannot read model.safetensors" in one_line(err)
+    monkeypatch.undo()
+
+    def unreadable(path, *args, **kwargs):
+        if str(path).endswith("prompts.jsonl"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(brain, "open", unreadable, raising=False)
+    code, _, err = cli(tiny_argv(tiny_models, tmp_path / "c", "--steps", "1"), capsys)
+    assert code == 1 and "cannot read --prompts" in one_line(err) and "Permission denied" in err
+
+
+class FailingStdout:  # a reader that left (| head -1) or a full disk (> /dev/full)
+    def __init__(self, error):
+        self.error = error
+
+    def write(self, text):
+        raise self.error
+
+    def flush(self):
+        raise self.error
+
+    def fileno(self):  # as io.StringIO: no file descriptor
+        raise io.UnsupportedOperation("fileno")
+
+
+@pytest.mark.parametrize("errno_, code_", [(32, 0), (28, 1)])
+def test_a_failing_stdout_ends_quietly_after_the_files_are_written(
+    errno_, code_, tmp_path, capsys, monkeypatch
+):
+    error = (BrokenPipeError if errno_ == 32 else OSError)(errno_, os.strerror(errno_))
+    monkeypatch.setattr(sys, "stdout", FailingStdout(error))
+    argv = ["--steps", "1", "--sft-steps", "1", "--sft-batch", "8", "--device", "cpu"]
+    code = brain.main([*argv, "--json", str(tmp_path / "r.json")])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == code_, err
+    assert "policy" in json.loads((tmp_path / "r.json").read_text())
+    if code_:
+        assert "cannot write the output (No space left on device)" in one_line(err)
+    else:
+        assert "Traceback" not in err
+
+
+def test_evaluation_is_batched_and_the_same_however_it_is_batched(tiny_models, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    words = ["the cat", "a dog", "the day", "a story", "the mat", "a cat", "the dog", "a day"]
+    texts = [f"{a} {b}" for a in words for b in ("sat", "ran")]  # 16 prompts: 3 held out
+    prompts.write_text(
+        "".join(json.dumps({"prompt": t, "reference": "good"}) + "\n" for t in texts)
+    )
+    argv = tiny_argv(tiny_models, tmp_path / "out", "--eval-samples", "2")
+    argv[argv.index("--prompts") + 1] = str(prompts)
+    argv.remove("--output-dir")
+    argv.remove(str(tmp_path / "out"))
+    run = brain.ModelRun(brain.parse_args(argv))
+    run.load()
+    sizes, real = [], brain.sample_completions
+
+    def counted(model, x, *args):
+        sizes.append(len(x))
+        return real(model, x, *args)
+
+    brain.sample_completions = counted
+    try:
+        whole = run.evaluate(run.model)
+        run.cfg = brain.replace(run.cfg, micro_batch=2)
+        sizes.clear()
+        batched = run.evaluate(run.model)
+    finally:
+        brain.sample_completions = real
+    assert sizes == [2] * 6  # 3 prompts x 2 samples, a prompt a batch, policy and SFT
+    assert batched["examples"] == whole["examples"] and len(whole["examples"]) == 3
+    for key in ("reward_policy", "reward_sft", "kl_policy_sft_mc", "win_rate_vs_reference"):
+        assert batched[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
 
 
 def test_json_on_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
