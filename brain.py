@@ -6,14 +6,14 @@ generation from feedback", ICML 2024 (arXiv 2402.02479). One step of the method:
     x       = B prompts;   y_1..y_n ~ q'(.|x)                  # the proposal: SFT model or policy
     log p~  = log p_sft(y_i|x) + r(x, y_i) / beta              # 1. the posterior, unnormalised
     alpha^  = softmax_i(log p~ - log q'(y_i|x))                # 2. the targets
-    beta^   = softmax_i(log q_theta(y_i|x) - log q'(y_i|x))    # 2. the policy's own weights
-    loss    = KL(alpha^ || beta^)                              # 3. its gradient: -sum_i
-    loss.backward(); optimizer.step()                          #  (alpha^_i - beta^_i) grad log q
+    beta^   = softmax_i(log q_theta(y_i|x) - log q'(y_i|x))    # 3. the baseline's weights
+    loss    = -sum_i (alpha^_i - beta^_i) log q_theta(y_i|x)   # 3. alpha^, beta^ held constant
+    loss.backward(); optimizer.step()                          #  (= grad KL(alpha^ || beta^))
 
-Part I: the method in the paper's order, the training loop, the exact evaluation on an embedded
-toy world, the default run; it names nothing of Part II (--compare, --model, --bench, the command
-line), which a reader may skip. Tags say whose each choice is: (paper), (authors' code: their
-public toy code), (ours). A teaching reference, not a library: copy what you need.
+Part I: the method in the paper's order, the training loop, the toy world and its exact
+evaluation, the default run. Its code uses nothing of Part II (--compare, --model, --bench, the
+command line; a test checks), which a reader may skip. Tags say whose each choice is: (paper),
+(authors' code: their public toy code), (ours). A teaching reference, not a library.
 
     python brain.py          # BRAIn on the embedded world: offline, CPU, seconds
     python brain.py --help   # every flag (--compare, --model, --bench), with its default
@@ -46,7 +46,7 @@ def need(ok, message):  # a check on the settings: one clear line
 
 @dataclass
 class Config:
-    """Every hyperparameter, once: field n_samples is flag --n-samples (Part II: Args adds more)."""
+    """Every hyperparameter, once: field n_samples is flag --n-samples (Part II adds options)."""
 
     # the method (paper §4-§5)
     method: str = arg("brain", "the estimator that trains the policy: " + ", ".join(METHODS))
@@ -79,8 +79,7 @@ class Config:
         least = dict(n_samples=2, steps=1, prompts_per_step=1, micro_batch=0, refresh_every=0)
         for name, low in dict(least, sft_steps=1, sft_batch=1).items():
             need(getattr(self, name) >= low, f"{name} must be >= {low}, got {getattr(self, name)}")
-        samples = self.prompts_per_step * self.n_samples
-        need(samples <= 10**6, f"B * n = {samples:,} samples a step is over 1,000,000")
+        need(self.prompts_per_step * self.n_samples <= 10**6, "B * n is over 1,000,000 samples")
         labels, device, K = self.dpo_labels, self.device, self.refresh_every
         need(self.method != "rloo" or K == 1, f"rloo learns on-policy: --refresh-every 1, not {K}")
         need(labels in ("argmax", "bt"), f"dpo_labels: argmax or bt, not {labels!r}")
@@ -99,9 +98,8 @@ def log_goodness(reward, beta):
 
 
 def log_posterior(sft_logp, reward, beta):
-    """Unnormalised log p(y | x, G=1) = log p_sft(y|x) + log p(G=1|x,y) (paper §4, Bayes' rule).
-    With r/beta it is the maximiser of E_q[r] - beta KL(q || p_sft) over all q, whatever the
-    reward (the PPO-optimal policy). log Z(x) is left out: self-normalisation cancels it."""
+    """Unnormalised log p(y | x, G=1) = log p_sft(y|x) + log p(G=1|x,y) (paper §4, Bayes' rule);
+    with r/beta, the maximiser of E_q[r] - beta KL(q || p_sft) (PPO's optimum). No log Z(x)."""
     return sft_logp + log_goodness(reward, beta)
 
 
@@ -111,41 +109,31 @@ def log_posterior(sft_logp, reward, beta):
 #      log b_i     = log q_theta(y_i|x) - log q'(y_i|x)    beta_hat  = softmax_i(log b)
 #    Scores are (B, n) tensors: B prompts, n samples each; the softmax runs over the n samples.
 #    (beta_hat is the paper's name for the policy's weights; it has nothing to do with beta.)
-def log_alpha_hat(target_logp, proposal_logp):  # log alpha_hat: the targets, (B, n)
-    return torch.log_softmax(target_logp - proposal_logp, dim=-1)
+def alpha_hat(target_logp, proposal_logp):  # the targets, (B, n)
+    return torch.softmax(target_logp - proposal_logp, dim=-1)
 
 
-def log_beta_hat(policy_logp, proposal_logp):  # log beta_hat: the policy's weights, (B, n)
-    return torch.log_softmax(policy_logp - proposal_logp, dim=-1)
-
-
-def alpha_hat(target_logp, proposal_logp):
-    return torch.softmax(target_logp - proposal_logp, dim=-1)  # = log_alpha_hat(...).exp()
-
-
-def beta_hat(policy_logp, proposal_logp):
-    return torch.softmax(policy_logp - proposal_logp, dim=-1)  # = log_beta_hat(...).exp()
+def beta_hat(policy_logp, proposal_logp):  # the policy's own weights, (B, n)
+    return torch.softmax(policy_logp - proposal_logp, dim=-1)
 
 
 def check_scores(**named):
     """The losses' inputs (ours): tensors of one shape (B, n), B prompts with n >= 2 samples each,
     finite; target_logp may hold -inf (a hard constraint: the sample is never good)."""
+    shapes = {
+        k: tuple(x.shape) if torch.is_tensor(x) else type(x).__name__ for k, x in named.items()
+    }
     for name, x in named.items():
-        if not torch.is_tensor(x) or x.dim() != 2 or x.shape[-1] < 2:
-            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"{name} must have shape (B, n), n >= 2 samples each; got {shape}")
+        ok = torch.is_tensor(x) and x.dim() == 2 and x.shape[-1] >= 2
+        need(ok, f"{name} must have shape (B, n), n >= 2 samples each; got {shapes[name]}")
         bad = x.isnan() | (x == math.inf) | ((x == -math.inf) & (name != "target_logp"))
-        if bad.any():
-            raise ValueError(f"{name} contains NaN or inf")
-    if len({tuple(x.shape) for x in named.values()}) != 1:
-        raise ValueError(f"shapes differ: { {k: tuple(x.shape) for k, x in named.items()} }")
+        need(not bad.any(), f"{name} contains NaN or inf")
+    need(len(set(shapes.values())) == 1, f"shapes differ: {shapes}")
 
 
 # [I.3] The BRAIn update and its self-normalised baseline (paper §4, Theorem 4.2; authors' code) ---
-#    An estimator of this family ascends sum_i w_i grad log q_theta(y_i) with weights w held
-#    constant: descending the surrogate -sum_i w_i log q_theta(y_i) does exactly that. BRAIn's
-#    weights are alpha_hat_i - beta_hat_i; sum_i beta_hat_i grad log q_theta(y_i), the
-#    self-normalised baseline, estimates E_q[grad log q_theta] = 0 from the same samples.
+#    Weights w_i on grad log q_theta(y_i): BRAIn's are alpha_hat_i - beta_hat_i, where the baseline
+#    sum_i beta_hat_i grad log q_theta(y_i) estimates E_q[grad log q_theta] = 0 on the same samples.
 def surrogate_loss(weights, policy_logp):
     """-sum_i w_i log q_theta(y_i), averaged over prompts, w held constant: its gradient is the
     estimator's (negated, for descent). Its value is no divergence and means nothing alone."""
@@ -153,10 +141,9 @@ def surrogate_loss(weights, policy_logp):
 
 
 def brain_loss(policy_logp, proposal_logp, target_logp):
-    """(authors' code) The ascent direction sum_i (alpha_hat_i - beta_hat_i) grad log q_theta(y_i),
-    averaged over prompts. (paper, Theorem 4.2) Biased for grad KL(posterior || q_theta), it is
-    unbiased for the gradient of the self-normalised KL E[KL(alpha_hat || beta_hat)], which is 0
-    if and only if q_theta is the posterior (self_normalised_kl: the same gradient)."""
+    """(authors' code) Ascends sum_i (alpha_hat_i - beta_hat_i) grad log q_theta(y_i). (paper,
+    Theorem 4.2) Biased for grad KL(posterior || q_theta), unbiased for the gradient of the
+    self-normalised KL E[KL(alpha_hat || beta_hat)] (0 iff q_theta is the posterior)."""
     check_scores(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
     target = alpha_hat(target_logp, proposal_logp)
     baseline = beta_hat(policy_logp, proposal_logp)  # the self-normalised baseline's weights
@@ -167,8 +154,8 @@ def self_normalised_kl(policy_logp, proposal_logp, target_logp):
     """KL(alpha_hat || beta_hat(theta)), averaged over prompts, alpha_hat held constant (ours: the
     update as a divergence). Its gradient is brain_loss's, since grad log beta_hat_i =
     grad log q_theta(y_i) - sum_j beta_hat_j grad log q_theta(y_j) and sum_i alpha_hat_i = 1."""
-    log_a = log_alpha_hat(target_logp.detach(), proposal_logp.detach())  # a constant
-    log_b = log_beta_hat(policy_logp, proposal_logp.detach())
+    log_a = torch.log_softmax((target_logp - proposal_logp).detach(), -1)  # log alpha_hat
+    log_b = torch.log_softmax(policy_logp - proposal_logp.detach(), -1)  # log beta_hat
     kl_terms = log_a.exp() * (log_a - log_b)  # where alpha_hat_i = 0 exactly, the term is 0
     return torch.where(log_a == -math.inf, 0.0, kl_terms).sum(-1).mean()
 
@@ -185,10 +172,9 @@ def target_weights(proposal_logp, target_logp, log_z=None):
     if log_z is None:
         return alpha_hat(target_logp, proposal_logp)
     log_z = torch.as_tensor(log_z, dtype=target_logp.dtype, device=target_logp.device)
-    if log_z.dim() > 1 or (log_z.dim() == 1 and log_z.shape[0] != target_logp.shape[0]):
-        raise ValueError(f"log_z must be a scalar or have shape (B,), got {tuple(log_z.shape)}")
-    if not torch.isfinite(log_z).all():
-        raise ValueError("log_z contains NaN or inf")
+    ok = log_z.dim() == 0 or log_z.shape == target_logp.shape[:1]
+    need(ok, f"log_z must be a scalar or have shape (B,), got {tuple(log_z.shape)}")
+    need(torch.isfinite(log_z).all(), "log_z contains NaN or inf")
     log_z = log_z[:, None] if log_z.dim() == 1 else log_z
     return torch.exp(target_logp - log_z - proposal_logp) / target_logp.shape[-1]
 
@@ -202,9 +188,8 @@ def dpg_loss(policy_logp, proposal_logp, target_logp, log_z=None):
 
 
 def gdcpp_loss(policy_logp, proposal_logp, target_logp, log_z=None):
-    """GDC++: weights alpha_hat_i - b_i / n, b_i = q_theta(y_i) / q'(y_i) unnormalised (Korbak et
-    al., NeurIPS 2022, Alg. 1; authors' code). On-policy b_i = 1 and beta_hat_i = 1/n, so it
-    equals BRAIn; off-policy it does not."""
+    """GDC++: weights alpha_hat_i - b_i / n, b_i = q_theta(y_i) / q'(y_i) (Korbak et al. 2022,
+    Alg. 1; authors' code). On-policy b_i = 1 = n beta_hat_i: it equals BRAIn; off-policy not."""
     check_scores(policy_logp=policy_logp, proposal_logp=proposal_logp, target_logp=target_logp)
     target = target_weights(proposal_logp, target_logp, log_z)
     baseline = torch.exp(policy_logp - proposal_logp) / policy_logp.shape[-1]  # b_i / n
@@ -212,13 +197,11 @@ def gdcpp_loss(policy_logp, proposal_logp, target_logp, log_z=None):
 
 
 def dpo_loss(policy_logp, ref_logp, reward, beta=1.0, labels="argmax", coin=None):
-    """DPO (Rafailov et al. 2023), one pair (y_w, y_l) per prompt:
-        L = -log sigmoid(beta * [(log q(y_w) - log ref(y_w)) - (log q(y_l) - log ref(y_l))]).
-    labels="argmax": the best and the worst of the n samples. (paper §5) With n = 2, proposal =
-        ref = SFT and beta = 1, this is BRAIn with a one-hot on the winner (an argmax for the
-        softmax) in place of alpha_hat: its target is no longer the posterior; it over-optimises.
-    labels="bt" (ours): the first two samples; y_1 wins when coin < sigmoid(r_1 - r_2) (`coin`:
-        (B,) uniforms): DPO's optimum is then the posterior ref * exp(r / beta)."""
+    """DPO (Rafailov et al. 2023), one pair (y_w, y_l) per prompt: L = -log sigmoid(beta *
+    [(log q(y_w) - log ref(y_w)) - (log q(y_l) - log ref(y_l))]). labels="argmax": the best and
+    the worst of the n samples; (paper §5) with n = 2, ref = proposal = SFT and beta = 1 this is
+    BRAIn with a one-hot on the winner for alpha_hat, which over-optimises. labels="bt" (ours):
+    y_1 beats y_2 when coin < sigmoid(r_1 - r_2); DPO's optimum is then ref * exp(r / beta)."""
     check_scores(policy_logp=policy_logp, ref_logp=ref_logp, reward=reward)
     if not 0 < beta < math.inf or labels not in ("argmax", "bt"):
         raise ValueError(f"DPO needs beta > 0 and labels argmax or bt, got {beta}, {labels!r}")
@@ -237,12 +220,10 @@ def dpo_loss(policy_logp, ref_logp, reward, beta=1.0, labels="argmax", coin=None
 def rloo_loss(policy_logp, sft_logp, reward, beta):
     """RLOO, RL on the same objective (ours; the paper compares with PPO): REINFORCE with a
     leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024) on n ON-POLICY samples. It
-    climbs J(q) = E_q[r] - beta KL(q || p_sft) = -beta KL(q || posterior) + beta log Z: the same
-    optimum as BRAIn, reached through the reverse (mode-seeking) KL where BRAIn descends the
-    forward (mass-covering) KL(posterior || q). With R_i = r_i - beta (log q(y_i) - log p_sft(y_i))
-    and A_i = R_i - mean_{j != i} R_j held constant, the ascent is (1/n) sum_i A_i grad log q(y_i).
-    Unbiased: grad J = E_q[R grad log q] (E_q[grad log q] = 0), and the baseline, made of the
-    other samples only, adds E[baseline grad log q(y_i)] = 0."""
+    climbs J(q) = E_q[r] - beta KL(q || p_sft) = -beta KL(q || posterior) + beta log Z: BRAIn's
+    optimum through the reverse (mode-seeking) KL. With R_i = r_i - beta (log q(y_i) - log
+    p_sft(y_i)) and A_i = R_i - mean_{j != i} R_j held constant, it ascends (1/n) sum_i A_i
+    grad log q(y_i), unbiased: a baseline of the other samples adds E[b grad log q(y_i)] = 0."""
     check_scores(policy_logp=policy_logp, sft_logp=sft_logp, reward=reward)
     n = policy_logp.shape[-1]
     R = reward - beta * (policy_logp.detach() - sft_logp)  # the KL-regularised reward
@@ -256,16 +237,12 @@ def method_loss(
     """The loss of one method on (B, n) scores. DPO-sft's reference is the SFT model and its scale
     the posterior's beta (ours), so that "bt" targets the same posterior; the paper's n = 2 case
     is beta = 1. RLOO's samples must be the policy's own (proposal = policy)."""
-    check_scores(
-        policy_logp=policy_logp, proposal_logp=proposal_logp, sft_logp=sft_logp, reward=reward
-    )
     if method == "dpo":
         return dpo_loss(policy_logp, sft_logp, reward, beta, labels, coin)
     if method == "rloo":
         return rloo_loss(policy_logp, sft_logp, reward, beta)
     losses = {"brain": brain_loss, "dpg": dpg_loss, "gdcpp": gdcpp_loss}
-    if method not in losses:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    need(method in losses, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return losses[method](policy_logp, proposal_logp, log_posterior(sft_logp, reward, beta))
 
 
@@ -275,17 +252,11 @@ def positions(attention_mask):  # position ids that skip left padding
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def eos_tensor(eos_token_id, device):  # one EOS id, or a list of them (Llama-3 has two)
-    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
-    return torch.tensor(ids, device=device)
-
-
 def sequence_logprobs(model, input_ids, attention_mask, completion_mask, eos_token_id=None):
     """log q(y|x) = sum_t log q(y_t | x, y_<t) over the completion's tokens, in fp32 (as the DPO
     reference code), masking prompt, padding and all after the first EOS, which counts (ours).
     Inputs (N, L); completion_mask is 1 on completion tokens; eos_token_id: an id or a list."""
-    if completion_mask[:, 0].any():
-        raise ValueError("completion_mask[:, 0] must be 0: the first token has no prediction")
+    need(not completion_mask[:, 0].any(), "completion_mask[:, 0] must be 0: no prediction there")
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
     ).logits
@@ -295,7 +266,7 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, eos_tok
     mask = completion_mask[:, 1:].bool()
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     if eos is not None:
-        is_eos = torch.isin(targets, eos_tensor(eos, input_ids.device)) & mask
+        is_eos = torch.isin(targets, torch.as_tensor(eos, device=input_ids.device)) & mask
         mask = mask & ((is_eos.long().cumsum(-1) - is_eos.long()) == 0)  # none after the first EOS
     return torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(-1)
 
@@ -305,13 +276,11 @@ def sample_completions(
     model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id=None, uniforms=None
 ):
     """Draw one completion per row exactly from the model: temperature 1, no top-k or top-p (ours:
-    any truncation would make the importance weights wrong); batched, with the KV cache. Takes
-    (N, P) left-padded prompts; returns the completions (N, T), their mask (1 up to and including
-    the first EOS) and log q(y|x) of each (N,), in fp32 (in fp32 on the CPU this is the proposal's
-    score; under bf16 on CUDA it is rescored). Token t of row i inverts the CDF at uniforms[i, t]
-    (default: numbers from the global generator)."""
+    truncation would falsify the importance weights), with the KV cache. (N, P) left-padded
+    prompts -> completions (N, T), their mask (1 up to and including the first EOS), log q(y|x)
+    (N,) in fp32. Token t of row i inverts the CDF at uniforms[i, t] (default: torch.rand)."""
     n, device = prompt_ids.shape[0], prompt_ids.device
-    eos = eos_tensor(eos_token_id, device)
+    eos = torch.as_tensor(eos_token_id, device=device).view(-1)  # an id, or a list (Llama-3)
     pad = int(eos[0]) if pad_token_id is None else pad_token_id
     if uniforms is None:
         uniforms = torch.rand(n, max_new_tokens, device=device)
@@ -350,9 +319,8 @@ def join(prompt_ids, prompt_mask, completion_ids, completion_mask):
 
 
 # [I.6] Training (ours: choices that the paper leaves open) ---------------------------------------
-#    One step: refresh q' (every K steps) -> sample B prompts x n completions from q' and score them
-#    without gradients -> the policy's log-probs of the same samples -> the method's loss ->
-#    backward -> Adam step. Scores are (B, n): B prompts (rows), n samples of each (columns).
+#    One step: refresh q' (every K steps) -> B prompts x n completions from q', scored without
+#    gradients ((B, n) scores) -> the policy's log-probs of them -> the loss -> backward -> Adam.
 def seed_everything(seed):  # the one place where the global generators are seeded
     random.seed(seed)
     torch.manual_seed(seed)
@@ -395,8 +363,7 @@ class Batch:
 
 def sample_and_score(cfg, proposal, sft, task, generator, share=slice(None)):
     """Draw B prompts from `generator`, n completions of each from the proposal, and score them,
-    without gradients. `share`: the prompts of the batch that this process keeps (all of them,
-    but with several processes)."""
+    without gradients. `share`: the prompts that this process keeps (several processes)."""
     B, n, T, device = cfg.prompts_per_step, cfg.n_samples, task.max_new_tokens, generator.device
     with torch.no_grad(), autocast(device):
         prompt_idx = torch.randint(len(task.prompt_ids), (B,), device=device, generator=generator)
@@ -408,10 +375,12 @@ def sample_and_score(cfg, proposal, sft, task, generator, share=slice(None)):
             proposal, x, xm, T, task.eos_id, task.pad_id, uniforms=uniforms
         )
         seqs = join(x, xm, y, ym)
-        if device.type == "cuda":  # under bf16 a cached pass and a full one differ a little: score
-            # the proposal as the policy is scored, so that q_theta = q' gives b_i = 1 exactly
+        if device.type == "cuda":  # bf16: score q' as q_theta is scored (q_theta = q': b_i = 1)
             proposal_logp = sequence_logprobs(proposal, *seqs, task.eos_id)
-        sft_logp = proposal_logp if proposal is sft else sequence_logprobs(sft, *seqs, task.eos_id)
+        rows = cfg.micro_batch or len(x)  # the SFT model's pass in micro-batches too (memory)
+        sft_logp = proposal_logp if proposal is sft else torch.cat([
+            sequence_logprobs(sft, *(t[i : i + rows] for t in seqs), task.eos_id)
+            for i in range(0, len(x), rows)])  # fmt: skip
         reward = task.reward(x, xm, y, ym).float()
     if not torch.isfinite(reward).all():
         raise ValueError("the reward function returned NaN or inf")
@@ -421,19 +390,15 @@ def sample_and_score(cfg, proposal, sft, task, generator, share=slice(None)):
 
 def check_finite(step, policy_logp, batch, beta):
     """Stop before a non-finite score reaches the weights, naming the likely flag (ours)."""
-    if not torch.isfinite(policy_logp).all():
-        what = "the policy's log-probs (its weights diverged: try a smaller --lr)"
-    elif not (log_posterior(batch.sft_logp, batch.reward, beta) < math.inf).all():
-        what = "the posterior's log-weights log p_sft + r/beta (try a larger --beta)"
-    else:
-        return
-    raise ValueError(f"step {step + 1}: {what} went NaN or inf")
+    ok = torch.isfinite(policy_logp).all()
+    need(ok, f"step {step + 1}: the policy's log-probs went NaN or inf (try a smaller --lr)")
+    ok = (log_posterior(batch.sft_logp, batch.reward, beta) < math.inf).all()  # NaN < inf: False
+    need(ok, f"step {step + 1}: log p_sft + r/beta went NaN or inf (try a larger --beta)")
 
 
 def setup(cfg, sft, policy, state):
-    """The policy (and `model`, the policy or the wrapper that trains it on several processes), the
-    proposal, Adam, the sample stream and the first step: 0, or that of `state`, a checkpoint's
-    plain data (step, optimizer, sample stream, refreshed proposal), which makes a resume exact."""
+    """`model` (the policy, or its wrapper for several processes), the policy, the proposal, Adam,
+    the sample stream and the first step: 0, or a checkpoint's plain-data `state`'s (exact)."""
     model = copy.deepcopy(sft) if policy is None else policy  # perhaps wrapped (DDP)
     policy = getattr(model, "module", model).eval().requires_grad_(True)  # eval: no dropout
     K, device = cfg.refresh_every, next(sft.parameters()).device
@@ -448,10 +413,9 @@ def setup(cfg, sft, policy, state):
 
 
 def train(cfg, sft, task, policy=None, state=None, on_step=None):
-    """Train `policy` (default: a copy of `sft`) with cfg.method on `task` and return it. `task`:
-    prompt_ids, prompt_mask (left-padded), max_new_tokens, eos_id, pad_id and reward(x, x_mask,
-    y, y_mask) -> (N,). The caller may hand in a policy wrapped for several processes, a
-    checkpoint's `state`, and on_step(step, **values of the step) to log, save or stop."""
+    """Train `policy` (default: a copy of `sft`) with cfg.method on `task` (prompt_ids, prompt_mask,
+    max_new_tokens, eos_id, pad_id, reward(x, x_mask, y, y_mask) -> (N,)) and return it. Part II
+    may hand in a wrapped policy, a checkpoint's `state` and on_step(step, **the step's values)."""
     model, policy, proposal, opt, stream, start = setup(cfg, sft, policy, state)
     B, n, K, device = cfg.prompts_per_step, cfg.n_samples, cfg.refresh_every, stream.device
     # several processes (torchrun): each samples and learns from its share of every batch's prompts
@@ -461,8 +425,8 @@ def train(cfg, sft, task, policy=None, state=None, on_step=None):
     for step in (bar := progress(range(start, cfg.steps), "train", initial=start, total=cfg.steps)):
         if K > 1 and step % K == 0:  # (ours) q' := a copy of the policy (K = 1: the policy itself)
             proposal.load_state_dict(policy.state_dict())
+        opt.zero_grad(set_to_none=True)  # (before sampling: the last step's gradients are freed)
         batch = sample_and_score(cfg, proposal, sft, task, stream, share)  # no gradients
-        opt.zero_grad(set_to_none=True)
         loss, policy_logp = 0.0, []
         for p in range(0, B, per_pass):  # micro-batches of whole prompts (one pass by default)
             part = batch.prompts(slice(p, p + per_pass))
@@ -496,9 +460,8 @@ def train(cfg, sft, task, policy=None, state=None, on_step=None):
 EOS = "."
 COMPLETION_WORDS = ["good", "great", "fun", "bad", "awful", "boring", "not", "very", "and", "but"]
 # subject -> the share of positive reviews in the corpus
-SUBJECTS = dict(
-    plot=0.5, acting=0.7, music=0.8, ending=0.3, food=0.6, service=0.2, cast=0.75, story=0.4
-)
+SUBJECTS = dict(plot=0.5, acting=0.7, music=0.8, ending=0.3, food=0.6, service=0.2, cast=0.75,
+                story=0.4)  # fmt: skip
 VOCAB = [EOS] + COMPLETION_WORDS + ["the", "was"] + list(SUBJECTS)  # completion tokens first
 LEXICON = {"great": 2.0, "good": 1.0, "fun": 1.0, "bad": -1.0, "boring": -1.0, "awful": -2.0}
 MAX_NEW_TOKENS = 4  # completion length limit, EOS included
@@ -522,22 +485,20 @@ def review_reward(words):
 
 
 class ToyLM(torch.nn.Module):
-    """A tiny GPT-2 whose next token is always a completion token (EOS or one of the 10 words):
-    its logits are -inf elsewhere, so at every prefix the 11 completion tokens' probabilities sum
-    to 1. A completion ends at its EOS or after 4 words, so the 11,111 completions are the leaves
-    of a tree with these sums at its nodes: their probabilities sum to 1 for every prompt."""
+    """A tiny GPT-2 whose logits are -inf but for the 11 completion tokens (EOS, the 10 words): at
+    every prefix their probabilities sum to 1, and the 11,111 completions (ending at EOS or after 4
+    words) are the leaves of that tree, so their probabilities sum to 1 for every prompt."""
 
     def __init__(self, vocab_size, num_completion_tokens, eos_id):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        no_dropout = dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), 0.0)
-        special = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"), eos_id)
         size = dict(vocab_size=vocab_size, n_positions=16, n_embd=64, n_layer=2, n_head=4)
-        self.config = GPT2Config(**size, **no_dropout, **special)
+        size.update(dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), 0.0))  # no dropout
+        special = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"), eos_id)
+        self.config = GPT2Config(**size, **special)
         self.gpt = GPT2LMHeadModel(self.config)
-        blocked = torch.ones(vocab_size, dtype=torch.bool)
-        blocked[:num_completion_tokens] = False
+        blocked = torch.arange(vocab_size) >= num_completion_tokens  # not a completion token
         self.register_buffer("blocked", blocked, persistent=False)
 
     def forward(self, **kwargs):
@@ -640,11 +601,10 @@ def pretrain_sft(world, cfg, device):
 #    KL(posterior || policy): how well the policy amortises the posterior (0 is perfect);
 #    KL(policy || SFT) and E_policy[r]: the two axes of the reward-KL frontier.
 def completion_tree(world):
-    """The rows of one forward pass that scores every completion, and where each reads its tokens.
-    A causal LM's distribution after a prefix does not depend on what follows it, so one pass over
-    every 3-word sequence (10^3 rows; row r holds the word ids "the digits of r, plus 1") gives
-    p(next token | prompt, prefix) after each of its prefixes of 0..3 words, at depth d = 0..3.
-    Token d of completion c is read at row path_rows[c, d], a row whose first d words are c's.
+    """One forward pass over every 3-word sequence (10^3 rows; row r: the word ids "digits of r,
+    plus 1") gives p(next token | prompt, prefix) after each row's prefixes of d = 0..3 words (a
+    causal LM reads a prefix the same whatever follows). Token d of completion c is read at row
+    path_rows[c, d], a row whose first d words are c's.
     Worked example, "good fun ." = ids [1, 3, 0, 0] (EOS is 0), digits [0, 2, 0]:
       d = 0  p(good | x)           any row will do:              row 0, "good good good"
       d = 1  p(fun | x good)       a row that starts "good":     row 0
@@ -702,16 +662,13 @@ def exact_metrics(log_q, log_sft, log_post, reward):
 
 def samples_of(world, model, device, prompts=(0, 5), k=2):
     """A few samples of `model` for a look: k completions of each prompt, with their reward."""
-    out = []
+    rows = [p for p in prompts for _ in range(k)]
+    x, xm = world.prompt_ids[rows], world.prompt_mask[rows]
     with torch.no_grad(), autocast(device):
-        for p in prompts:
-            x, xm = world.prompt_ids[[p] * k], world.prompt_mask[[p] * k]
-            y, ym, _ = sample_completions(model, x, xm, world.max_new_tokens, world.eos_id)
-            for yi, ymi, r in zip(y, ym, world.reward(x, xm, y, ym), strict=True):
-                out.append(
-                    {"prompt": world.prompts[p], "text": world.decode(yi, ymi), "r": r.item()}
-                )
-    return out
+        y, ym, _ = sample_completions(model, x, xm, world.max_new_tokens, world.eos_id)
+    texts, rewards = [world.decode(*c) for c in zip(y, ym, strict=True)], world.reward(x, xm, y, ym)
+    return [dict(prompt=world.prompts[p], text=t, r=r.item())
+            for p, t, r in zip(rows, texts, rewards, strict=True)]  # fmt: skip
 
 
 # The default run: python brain.py -----------------------------------------------------------------
@@ -734,8 +691,7 @@ def run(cfg):
     }
     results.update(config=asdict(cfg), device=str(device), wall_s=round(time.time() - t0, 2))
     results["samples"] = {
-        "sft": samples_of(world, sft, device),
-        "policy": samples_of(world, policy, device),
+        k: samples_of(world, m, device) for k, m in (("sft", sft), ("policy", policy))
     }
     return results
 
@@ -1513,10 +1469,10 @@ def step_diagnostics(cfg, batch, policy_logp, loss, stop, n_procs):
     log p_sft(y_i)), both self-normalised estimates on the proposal's samples; the effective
     sample size (ESS) of alpha_hat, 1 / sum_i alpha_hat_i^2, over n."""
     prop, sft, reward = batch.proposal_logp, batch.sft_logp, batch.reward
-    log_a = log_alpha_hat(log_posterior(sft, reward, cfg.beta), prop)
+    a_hat = alpha_hat(log_posterior(sft, reward, cfg.beta), prop)
     b_hat = beta_hat(policy_logp, prop)
     kl_sn, r_policy = (b_hat * (policy_logp - sft)).sum(-1).mean(), (b_hat * reward).sum(-1).mean()
-    ess = (1 / log_a.exp().pow(2).sum(-1)).mean() / cfg.n_samples
+    ess = (1 / a_hat.pow(2).sum(-1)).mean() / cfg.n_samples
     stats = torch.stack([loss, reward.mean(), reward.pow(2).mean(), r_policy, kl_sn, ess, stop])
     if n_procs > 1:  # the global batch's averages, not this process's
         dist.all_reduce(stats)
