@@ -7,13 +7,13 @@ generation from feedback", ICML 2024 (arXiv 2402.02479). One step of the method:
     log p~  = log p_sft(y_i|x) + r(x, y_i) / beta              # 1. the posterior, unnormalised
     alpha^  = softmax_i(log p~ - log q'(y_i|x))                # 2. the targets
     beta^   = softmax_i(log q_theta(y_i|x) - log q'(y_i|x))    # 3. the baseline's weights
-    loss    = -sum_i (alpha^_i - beta^_i) log q_theta(y_i|x)   # 3. alpha^, beta^ held constant
+    loss    = -sum_i (alpha^_i - beta^_i) log q_theta(y_i|x)   # 4. alpha^, beta^ held constant
     loss.backward(); optimizer.step()                          #  (= grad KL(alpha^ || beta^))
 
 Part I: the method in the paper's order, the training loop, the toy world and its exact
 evaluation, the default run. Its code uses nothing of Part II (--compare, --model, --bench, the
 command line; a test checks), which a reader may skip. Tags say whose each choice is: (paper),
-(authors' code: their public toy code), (ours). A teaching reference, not a library.
+(authors' code: BRAIn's authors' public toy code), (ours). A teaching reference, not a library.
 
     python brain.py          # BRAIn on the embedded world: offline, CPU, seconds
     python brain.py --help   # every flag (--compare, --model, --bench), with its default
@@ -48,7 +48,7 @@ def need(ok, message):  # a check on the settings: one clear line
 class Config:
     """Every hyperparameter, once: field n_samples is flag --n-samples (Part II adds options)."""
 
-    # the method (paper §4-§5)
+    # the method (paper §4-§5; K > 0 and "bt" labels: ours)
     method: str = arg("brain", "the estimator that trains the policy: " + ", ".join(METHODS))
     beta: float = arg(1.0, "posterior temperature (> 0): p(G=1|x,y) is proportional to e^(r/beta)")
     n_samples: int = arg(8, "n: completions sampled per prompt (>= 2)")
@@ -65,7 +65,7 @@ class Config:
     sft_steps: int = arg(300, "Adam steps that pretrain the toy SFT prior")
     sft_batch: int = arg(256, "sequences per SFT pretraining step")
 
-    def __post_init__(self):  # the defaults of lr and K (with --model, Part II's Args sets its own)
+    def __post_init__(self):  # the defaults of lr and K (a caller may set its own)
         self.lr = 1e-3 if self.lr is None else self.lr
         if self.refresh_every is None:  # RLOO learns from the policy's own samples only
             self.refresh_every = 1 if self.method == "rloo" else 0
@@ -237,6 +237,7 @@ def method_loss(
     """The loss of one method on (B, n) scores. DPO-sft's reference is the SFT model and its scale
     the posterior's beta (ours), so that "bt" targets the same posterior; the paper's n = 2 case
     is beta = 1. RLOO's samples must be the policy's own (proposal = policy)."""
+    check_scores(sft_logp=sft_logp, reward=reward)  # a reward is finite; log_goodness may be -inf
     if method == "dpo":
         return dpo_loss(policy_logp, sft_logp, reward, beta, labels, coin)
     if method == "rloo":
@@ -279,18 +280,18 @@ def sample_completions(
     truncation would falsify the importance weights), with the KV cache. (N, P) left-padded
     prompts -> completions (N, T), their mask (1 up to and including the first EOS), log q(y|x)
     (N,) in fp32. Token t of row i inverts the CDF at uniforms[i, t] (default: torch.rand)."""
-    n, device = prompt_ids.shape[0], prompt_ids.device
+    N, device = prompt_ids.shape[0], prompt_ids.device
     eos = torch.as_tensor(eos_token_id, device=device).view(-1)  # an id, or a list (Llama-3)
     pad = int(eos[0]) if pad_token_id is None else pad_token_id
     if uniforms is None:
-        uniforms = torch.rand(n, max_new_tokens, device=device)
+        uniforms = torch.rand(N, max_new_tokens, device=device)
     attn, pos = prompt_mask.long(), positions(prompt_mask.long())
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
     next_pos = pos[:, -1:] + 1
-    alive = torch.ones(n, dtype=torch.bool, device=device)
-    logp_sum = torch.zeros(n, device=device)
-    tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
-    masks = torch.zeros(n, max_new_tokens, dtype=torch.long, device=device)
+    alive = torch.ones(N, dtype=torch.bool, device=device)
+    logp_sum = torch.zeros(N, device=device)
+    tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=device)
+    masks = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         cdf = logp.double().exp().cumsum(-1)  # float64: exact enough for 100k+ vocabularies
@@ -417,16 +418,18 @@ def train(cfg, sft, task, policy=None, state=None, on_step=None):
     max_new_tokens, eos_id, pad_id, reward(x, x_mask, y, y_mask) -> (N,)) and return it. Part II
     may hand in a wrapped policy, a checkpoint's `state` and on_step(step, **the step's values)."""
     model, policy, proposal, opt, stream, start = setup(cfg, sft, policy, state)
-    B, n, K, device = cfg.prompts_per_step, cfg.n_samples, cfg.refresh_every, stream.device
-    # several processes (torchrun): each samples and learns from its share of every batch's prompts
+    n, K, device = cfg.n_samples, cfg.refresh_every, stream.device
+    # several processes (torchrun): each samples and learns from its B prompts of every batch
     rank, procs = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    share, B = slice(rank * B // procs, (rank + 1) * B // procs), B // procs
+    need(cfg.prompts_per_step % procs == 0, f"B: a multiple of the {procs} processes")
+    B = cfg.prompts_per_step // procs  # this process's prompts (all of them, alone)
+    share = slice(rank * B, (rank + 1) * B)
     per_pass = max(1, cfg.micro_batch // n) if cfg.micro_batch else B  # prompts per micro-batch
     for step in (bar := progress(range(start, cfg.steps), "train", initial=start, total=cfg.steps)):
-        if K > 1 and step % K == 0:  # (ours) q' := a copy of the policy (K = 1: the policy itself)
+        if K > 1 and step % K == 0:  # (ours) q' := a copy of the policy (K = 0, 1: setup's q')
             proposal.load_state_dict(policy.state_dict())
         opt.zero_grad(set_to_none=True)  # (before sampling: the last step's gradients are freed)
-        batch = sample_and_score(cfg, proposal, sft, task, stream, share)  # no gradients
+        batch = sample_and_score(cfg, proposal, sft, task, stream, share)  # log q', log p_sft, r
         loss, policy_logp = 0.0, []
         for p in range(0, B, per_pass):  # micro-batches of whole prompts (one pass by default)
             part = batch.prompts(slice(p, p + per_pass))
@@ -442,7 +445,7 @@ def train(cfg, sft, task, policy=None, state=None, on_step=None):
         opt.step()
         policy_logp = torch.cat(policy_logp).detach()  # (B, n), for the bar and on_step
         if step % 10 == 0 or step == cfg.steps - 1:  # .item() waits for the device: not each step
-            # the policy's expected reward, estimated with its own weights beta_hat (ours)
+            # E[r] of the pre-step policy, self-normalised with its weights beta_hat (ours)
             reward = (beta_hat(policy_logp, batch.proposal_logp) * batch.reward).sum(-1).mean()
             bar.set_postfix(loss=f"{loss.item():.3f}", reward=f"{reward.item():+.2f}")
         if on_step:
@@ -579,7 +582,7 @@ def toy_corpus(world, size, rng):
 
 
 def pretrain_sft(world, cfg, device):
-    """The SFT prior: maximum likelihood on the corpus (a fresh batch of reviews every step)."""
+    """The SFT prior: maximum likelihood on a fixed corpus (a random batch of it every step)."""
     rng = random.Random(cfg.seed)
     model = world.new_model().to(device)
     corpus = toy_corpus(world, cfg.sft_steps * cfg.sft_batch // 4, rng)
@@ -619,11 +622,11 @@ def completion_tree(world):
 
 
 def enumerate_logprobs(model, world, device, grad=False):
-    """log q(y|x) of every completion y of every prompt x, a (prompts, completions) table: one
-    forward pass a prompt over completion_tree's rows; a completion's log-prob sums its tokens'
-    along its path, up to and including its EOS. grad=True keeps the graph (exact gradients)."""
+    """log q(y|x) of every completion y of every prompt x: a (prompts, completions) table, each row
+    normalised (ToyLM). One pass a prompt over completion_tree's rows; a completion's log-prob sums
+    its tokens' along its path, to its EOS. grad=True keeps the graph (exact gradients)."""
     model = model.eval()
-    prefixes, rows = (t.to(device) for t in completion_tree(world))
+    prefixes, paths = (t.to(device) for t in completion_tree(world))
     depth = torch.arange(world.max_new_tokens, device=device)
     completion_mask = world.completion_mask.to(device).bool()
     table = []
@@ -633,8 +636,8 @@ def enumerate_logprobs(model, world, device, grad=False):
         attn = torch.ones_like(ids)  # the toy prompts have no padding
         with torch.set_grad_enabled(grad), autocast(device):
             logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
-        next_logp = torch.log_softmax(logits[:, x.shape[1] - 1 :].float(), dim=-1)  # (rows, d, V)
-        token_logp = next_logp[rows, depth, world.completion_ids.to(device)]  # (completions, d)
+        next_logp = torch.log_softmax(logits[:, x.shape[1] - 1 :].float(), dim=-1)  # (row, d, V)
+        token_logp = next_logp[paths, depth, world.completion_ids.to(device)]  # (completions, d)
         table.append(torch.where(completion_mask, token_logp, torch.zeros_like(token_logp)).sum(-1))
     return torch.stack(table).cpu()
 
@@ -674,7 +677,7 @@ def samples_of(world, model, device, prompts=(0, 5), k=2):
 # The default run: python brain.py -----------------------------------------------------------------
 def run(cfg):
     """Pretrain the SFT prior, train the policy, evaluate every distribution exactly; a few samples
-    of the SFT model and of the policy (Part II prints them)."""
+    of the SFT model and of the policy (the caller prints them)."""
     cfg.validate()
     t0 = time.time()
     seed_everything(cfg.seed)
@@ -690,10 +693,8 @@ def run(cfg):
         for name, log_q in (("sft", log_sft), ("policy", log_policy), ("posterior", log_post))
     }
     results.update(config=asdict(cfg), device=str(device), wall_s=round(time.time() - t0, 2))
-    results["samples"] = {
-        k: samples_of(world, m, device) for k, m in (("sft", sft), ("policy", policy))
-    }
-    return results
+    samples = {k: samples_of(world, m, device) for k, m in (("sft", sft), ("policy", policy))}
+    return {**results, "samples": samples}
 
 
 # ================================================================================================

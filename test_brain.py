@@ -382,6 +382,99 @@ def test_rloo_needs_the_policy_as_proposal():
 
 
 # ------------------------------------------------------------------------------------------
+# Exact gradients, and an estimator's error against them (the units of --compare)
+# ------------------------------------------------------------------------------------------
+def test_gradient_errors_match_their_definitions_on_known_draws():
+    # draws g* + b + s z with z standard normal: rel bias ||b|| / ||g*||, rel noise P s^2 / ||g*||^2
+    g = torch.Generator().manual_seed(32)
+    P, K, s = 50, 20000, 0.2
+    exact = torch.randn(P, generator=g, dtype=torch.float64)
+    bias = 0.3 * torch.randn(P, generator=g, dtype=torch.float64)
+    grads = exact + bias + s * torch.randn(K, P, generator=g, dtype=torch.float64)
+    e = brain.gradient_errors(grads, exact)
+    n2 = exact.pow(2).sum().item()
+    assert e["rel_bias"] == pytest.approx(bias.norm().item() / n2**0.5, rel=0.02)
+    assert e["rel_noise"] == pytest.approx(P * s**2 / n2, rel=0.02)
+    assert e["rel_mse"] == pytest.approx(e["rel_bias"] ** 2 + e["rel_noise"], rel=1e-6)
+    mean = exact + bias
+    assert e["cosine"] == pytest.approx(
+        (mean @ exact / mean.norm() / exact.norm()).item(), abs=1e-3
+    )
+    assert e["noise_to_signal"] == pytest.approx(P * s**2 / mean.pow(2).sum().item(), rel=0.02)
+
+
+def test_a_scaled_loss_changes_only_the_raw_variance():
+    # a loss c times as large: every relative figure and the cosine stay, tr Cov grows by c^2
+    g = torch.Generator().manual_seed(33)
+    grads, exact = torch.randn(9, 12, generator=g) + 1.0, torch.randn(12, generator=g) + 1.0
+    e1, e2 = brain.gradient_errors(grads, exact), brain.gradient_errors(0.25 * grads, 0.25 * exact)
+    for k in ("rel_bias", "rel_noise", "rel_mse", "cosine", "noise_to_signal"):
+        assert e2[k] == pytest.approx(e1[k], rel=1e-5), k
+    assert e2["trace_cov"] == pytest.approx(e1["trace_cov"] * 0.25**2, rel=1e-5)
+
+
+def test_dpg_is_unbiased_with_the_exact_log_z_and_biased_without():
+    # the forward KL's exact gradient in the categorical world: -sum_k post_k grad log q(k);
+    # DPG's per-batch gradients over many batches: with log Z known the bias vanishes (up to the
+    # noise of the mean), with Z estimated from n = 2 samples it does not
+    w = categorical(34)
+    target = w["sft"] + w["reward"]
+    post = torch.softmax(target, -1)
+    exact = -sum(post[k] * grad_log_q(w["theta"], torch.tensor(k)) for k in range(K))
+    B, n, batches = 8, 2, 4000
+
+    def grads(log_z):
+        out = []
+        for _ in range(batches):
+            y = draw(w["proposal"], B, n, w["g"])
+            theta = w["theta"].clone().requires_grad_(True)
+            loss = brain.dpg_loss(torch.log_softmax(theta, -1)[y], w["proposal"][y], target[y],
+                                  log_z=log_z)  # fmt: skip
+            out.append(torch.autograd.grad(loss, theta)[0])
+        return torch.stack(out)
+
+    known = brain.gradient_errors(grads(torch.logsumexp(target, -1)), exact)
+    estimated = brain.gradient_errors(grads(None), exact)
+    assert known["rel_bias"] < 0.05 < 0.2 < estimated["rel_bias"]
+    assert known["cosine"] > 0.99
+
+
+def test_exact_gradients_match_finite_differences_of_the_exact_kls(world_and_sft):
+    # d/de KL(theta + e v) at e = 0, by central differences of the exact (enumerated) KLs, against
+    # g . v, for random directions v: the forward KL(post || q) and beta KL(q || post)
+    world, sft, log_sft = world_and_sft
+    device, beta = torch.device("cpu"), 0.7
+    log_post = brain.posterior_table(log_sft, world.reward_table, beta)
+    policy = brain.frozen(sft).requires_grad_(True)
+    g = torch.Generator().manual_seed(31)
+    with torch.no_grad():  # away from SFT, so that both gradients are far from zero
+        for p in policy.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    exact = brain.exact_gradients(policy, world, log_post, beta, device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    def kls(shift):
+        with torch.no_grad():
+            for p, s in zip(params, shift, strict=True):
+                p.add_(s)
+            log_q = brain.enumerate_logprobs(policy, world, device)
+            for p, s in zip(params, shift, strict=True):
+                p.sub_(s)
+        forward = brain.kl(log_post, log_q).mean().item()
+        return {"forward": forward, "reverse": beta * brain.kl(log_q, log_post).mean().item()}
+
+    for _ in range(3):  # unit directions, steps of 0.1 each way
+        v = [torch.randn(p.shape, generator=g) for p in params]
+        norm = torch.cat([x.reshape(-1) for x in v]).norm()
+        v = [x / norm for x in v]
+        up, down = kls([0.1 * x for x in v]), kls([-0.1 * x for x in v])
+        for key, grad in exact.items():
+            slope = (up[key] - down[key]) / 0.2
+            dot = (grad @ torch.cat([x.reshape(-1) for x in v])).item()
+            assert slope == pytest.approx(dot, rel=0.01, abs=1e-4), key
+
+
+# ------------------------------------------------------------------------------------------
 # Language-model plumbing: log-probs and the sampler on a tiny GPT-2 (no mask wrapper)
 # ------------------------------------------------------------------------------------------
 EOS_ID, PAD_ID = 1, 0
@@ -543,6 +636,38 @@ def test_default_beta_moves_the_posterior_far_enough(world_and_sft):
     assert brain.kl(log_post, log_sft).mean().item() >= 0.5
 
 
+def test_posterior_is_the_reward_kl_frontier(world_and_sft):
+    # Gibbs: the posterior maximises E_q[r] - beta KL(q || SFT) over all q; no q lies above it
+    world, _, log_sft = world_and_sft
+    g = torch.Generator().manual_seed(12)
+    points = []
+    for beta in (0.5, 1.0, 2.0):
+        log_post = brain.posterior_table(log_sft, world.reward_table, beta)
+        points.append(
+            {"beta": beta, **brain.exact_metrics(log_post, log_sft, log_post, world.reward_table)}
+        )
+    assert [p["reward"] for p in points] == sorted([p["reward"] for p in points], reverse=True)
+    for p in points:
+        best = p["reward"] - p["beta"] * p["kl_policy_sft"]
+        for _ in range(5):
+            log_q = torch.log_softmax(log_sft + torch.randn(log_sft.shape, generator=g), -1)
+            r_q = (log_q.exp() * world.reward_table).sum(-1).mean().item()
+            assert r_q - p["beta"] * brain.kl(log_q, log_sft).mean().item() < best
+
+
+def test_enumeration_matches_sequence_logprobs(world_and_sft):
+    world, sft, log_sft = world_and_sft
+    g = torch.Generator().manual_seed(4)
+    for p in (0, 7):
+        idx = torch.randint(len(world.completion_ids), (500,), generator=g)
+        y, ym = world.completion_ids[idx], world.completion_mask[idx]
+        x = world.prompt_ids[p : p + 1].expand(len(idx), -1)
+        direct = brain.sequence_logprobs(
+            sft, *brain.join(x, world.prompt_mask[p : p + 1].expand(len(idx), -1), y, ym)
+        )
+        torch.testing.assert_close(log_sft[p, idx], direct, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # End to end
 # ------------------------------------------------------------------------------------------
@@ -646,17 +771,24 @@ def test_training_stops_on_nan_reward(world_and_sft):
         brain.train(brain.Config(steps=2, device="cpu"), sft, NaNReward())
 
 
-def test_enumeration_matches_sequence_logprobs(world_and_sft):
-    world, sft, log_sft = world_and_sft
-    g = torch.Generator().manual_seed(4)
-    for p in (0, 7):
-        idx = torch.randint(len(world.completion_ids), (500,), generator=g)
-        y, ym = world.completion_ids[idx], world.completion_mask[idx]
-        x = world.prompt_ids[p : p + 1].expand(len(idx), -1)
-        direct = brain.sequence_logprobs(
-            sft, *brain.join(x, world.prompt_mask[p : p + 1].expand(len(idx), -1), y, ym)
-        )
-        torch.testing.assert_close(log_sft[p, idx], direct, rtol=1e-5, atol=1e-5)
+def test_tiny_beta_stops_with_a_message_that_names_beta(capsys):
+    argv = ["--beta", "1e-300", "--steps", "2", "--sft-steps", "2", "--sft-batch", "8"]
+    code, _, err = cli([*argv, "--device", "cpu"], capsys)
+    assert code == 1
+    line = one_line(err)
+    assert "--beta" in line and "larger" in line and "NaN or inf" in line
+
+
+@pytest.mark.parametrize("which, flag", [("policy", "--lr"), ("target", "--beta")])
+def test_check_finite_names_the_likely_flag(which, flag):
+    nan = torch.tensor([[0.0, float("nan")]])
+    finite = torch.zeros(1, 2)
+    policy, sft = (nan, finite) if which == "policy" else (finite, nan)
+    batch = lambda sft: brain.Batch((), finite, sft, finite, torch.zeros(1))  # noqa: E731
+    with pytest.raises(ValueError, match=flag) as e:  # sft + reward / beta is the target
+        brain.check_finite(4, policy, batch(sft), 1.0)
+    assert "step 5" in str(e.value) and "NaN or inf" in str(e.value)
+    brain.check_finite(4, finite, batch(finite), 1.0)  # finite scores pass
 
 
 # ------------------------------------------------------------------------------------------
@@ -821,7 +953,10 @@ BAD_INPUTS = {
     "rloo_off_policy": ("args", "rloo learns on-policy: --refresh-every 1, not 0"),
     "reward_label_alone": ("args", "--reward-label: only with --model"),
     "max_new_tokens_alone": ("args", "--max-new-tokens: only with --model"),
-    "seeds_alone": ("args", "--methods, --seeds: with --compare"),
+    "seeds_alone": ("args", "--methods, --seeds, --lrs: with --compare"),
+    "lrs_alone": ("args", "--methods, --seeds, --lrs: with --compare"),
+    "lr_with_compare": ("args", "--compare picks each method's lr: use --lrs"),
+    "lrs_not_numbers": ("args", "--lrs 1e-3,x: numbers in (0, 1]"),
     "bench_steps": ("args", "--bench builds its own models: drop --steps"),
     "model_empty": ("args", "--model is empty"),
     "json_empty": ("args", "--json is empty"),
@@ -912,6 +1047,8 @@ def bad_input_argv(case, root, tmp):
         "rloo_off_policy": ["--method", "rloo", "--refresh-every", "0"],
         "reward_label_alone": ["--reward-label", "good"],
         "max_new_tokens_alone": ["--max-new-tokens", "8"], "seeds_alone": ["--seeds", "2"],
+        "lrs_alone": ["--lrs", "1e-3"], "lr_with_compare": ["--compare", "--lr", "3e-3"],
+        "lrs_not_numbers": ["--compare", "--lrs", "1e-3,x"],
         "bench_steps": ["--bench", "--steps", "3"], "model_empty": ["--model", ""],
         "json_empty": ["--json", ""], "json_folder": ["--json", str(tmp / "results")],
         "json_missing_folder": ["--json", str(tmp / "missing" / "r.json")],
@@ -1720,61 +1857,6 @@ def short_context_reward_model(tiny_models, folder, model_max_length):
     return model.eval(), tok
 
 
-@pytest.mark.parametrize("model_max_length", [1000, None], ids=["1000", "default"])
-def test_reward_model_with_a_short_position_limit_keeps_the_text_end(
-    model_max_length, tiny_models, tmp_path, capsys
-):
-    from transformers import AutoTokenizer
-
-    folder = tmp_path / "rm24"
-    model, tok = short_context_reward_model(tiny_models, folder, model_max_length)
-    assert AutoTokenizer.from_pretrained(folder).model_max_length > 24
-    long, short = "the cat sat on the mat and the dog ran home", "a dog"
-    rm = brain.RewardModel(str(folder))
-    got = rm.score([long, short])
-    with torch.no_grad():  # by hand: the long text's last 24 characters; the short one whole
-        ids = tok(long[-24:], return_tensors="pt")["input_ids"]
-        assert ids.shape[1] == 24
-        expected = [model(input_ids=ids).logits[0, 0]]
-        expected.append(model(input_ids=tok(short, return_tensors="pt")["input_ids"]).logits[0, 0])
-    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-6)
-    prompts = tmp_path / "long.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"prompt": p}) + "\n"
-            for p in [long, "the day is good and the story was great", "a cat sat on a mat at home"]
-        )
-    )
-    argv = tiny_argv(tiny_models, tmp_path / "out", "--steps", "2")
-    argv[argv.index("--reward-model") + 1] = str(folder)
-    argv[argv.index("--prompts") + 1] = str(prompts)
-    code, _, err = cli(argv, capsys)
-    assert code == 0, err
-    lines = metric_lines(tmp_path / "out")
-    assert [m["step"] for m in lines] == [1, 2]
-    assert all(math.isfinite(m["loss"]) and math.isfinite(m["reward"]) for m in lines)
-
-
-def test_tiny_beta_stops_with_a_message_that_names_beta(capsys):
-    argv = ["--beta", "1e-300", "--steps", "2", "--sft-steps", "2", "--sft-batch", "8"]
-    code, _, err = cli([*argv, "--device", "cpu"], capsys)
-    assert code == 1
-    line = one_line(err)
-    assert "--beta" in line and "larger" in line and "NaN or inf" in line
-
-
-@pytest.mark.parametrize("which, flag", [("policy", "--lr"), ("target", "--beta")])
-def test_check_finite_names_the_likely_flag(which, flag):
-    nan = torch.tensor([[0.0, float("nan")]])
-    finite = torch.zeros(1, 2)
-    policy, sft = (nan, finite) if which == "policy" else (finite, nan)
-    batch = lambda sft: brain.Batch((), finite, sft, finite, torch.zeros(1))  # noqa: E731
-    with pytest.raises(ValueError, match=flag) as e:  # sft + reward / beta is the target
-        brain.check_finite(4, policy, batch(sft), 1.0)
-    assert "step 5" in str(e.value) and "NaN or inf" in str(e.value)
-    brain.check_finite(4, finite, batch(finite), 1.0)  # finite scores pass
-
-
 def test_resume_drops_a_torn_last_metrics_line(two_step_run, tiny_models, tmp_path, capsys):
     out = copy_run(two_step_run, tmp_path)
     with open(out / "metrics.jsonl", "a") as f:
@@ -1823,6 +1905,44 @@ def test_resume_with_no_steps_left_is_one_line(steps, two_step_run, tiny_models,
     assert code == 1
     assert "nothing to do" in one_line(err)
     assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------------------
+# Real models: prompts, the reward model and the held-out evaluation
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_max_length", [1000, None], ids=["1000", "default"])
+def test_reward_model_with_a_short_position_limit_keeps_the_text_end(
+    model_max_length, tiny_models, tmp_path, capsys
+):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "rm24"
+    model, tok = short_context_reward_model(tiny_models, folder, model_max_length)
+    assert AutoTokenizer.from_pretrained(folder).model_max_length > 24
+    long, short = "the cat sat on the mat and the dog ran home", "a dog"
+    rm = brain.RewardModel(str(folder))
+    got = rm.score([long, short])
+    with torch.no_grad():  # by hand: the long text's last 24 characters; the short one whole
+        ids = tok(long[-24:], return_tensors="pt")["input_ids"]
+        assert ids.shape[1] == 24
+        expected = [model(input_ids=ids).logits[0, 0]]
+        expected.append(model(input_ids=tok(short, return_tensors="pt")["input_ids"]).logits[0, 0])
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n"
+            for p in [long, "the day is good and the story was great", "a cat sat on a mat at home"]
+        )
+    )
+    argv = tiny_argv(tiny_models, tmp_path / "out", "--steps", "2")
+    argv[argv.index("--reward-model") + 1] = str(folder)
+    argv[argv.index("--prompts") + 1] = str(prompts)
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    lines = metric_lines(tmp_path / "out")
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["reward"]) for m in lines)
 
 
 def test_duplicate_prompts_are_kept_once_with_a_note(tmp_path, capsys):
@@ -1948,16 +2068,16 @@ def test_a_default_run_stopped_after_step_1_keeps_its_checkpoint(
     tiny_models, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    score_batch = brain.score_batch
+    sample_and_score = brain.sample_and_score
 
     def ctrl_c_in_step_1(*args, **kwargs):  # Ctrl-C while step 1 samples
         if not ctrl_c_in_step_1.sent:
             ctrl_c_in_step_1.sent = True
             os.kill(os.getpid(), signal.SIGINT)
-        return score_batch(*args, **kwargs)
+        return sample_and_score(*args, **kwargs)
 
     ctrl_c_in_step_1.sent = False
-    monkeypatch.setattr(brain, "score_batch", ctrl_c_in_step_1)
+    monkeypatch.setattr(brain, "sample_and_score", ctrl_c_in_step_1)
     argv = without(tiny_argv(tiny_models, None), "--output-dir")
     code, text, err = cli(argv, capsys)
     assert code == 130, err
@@ -2058,6 +2178,9 @@ def test_plain_lines_come_every_few_steps_the_first_last_and_a_stop():
     )
 
 
+# ------------------------------------------------------------------------------------------
+# The repository: --help, the real model's one cache folder, license and citation
+# ------------------------------------------------------------------------------------------
 def test_help_says_what_the_optional_real_model_flags_do_when_omitted(capsys):
     with pytest.raises(SystemExit):
         brain.parse_args(["--help"])
@@ -2118,6 +2241,9 @@ def test_the_repository_says_where_it_comes_from_and_what_it_keeps_out():
     assert {"runs/", "out/", "*.rerun.ipynb", ".venv-ci/"} <= kept_out
 
 
+# ------------------------------------------------------------------------------------------
+# Benchmark (--bench)
+# ------------------------------------------------------------------------------------------
 def test_bench_row_measures_both_sides(tiny_gpt2):
     row = brain.bench_model(
         "tiny",
@@ -2207,96 +2333,6 @@ def test_methods_see_identical_sample_streams(world_and_sft):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
-def test_exact_gradients_match_finite_differences_of_the_exact_kls(world_and_sft):
-    # d/de KL(theta + e v) at e = 0, by central differences of the exact (enumerated) KLs, against
-    # g . v, for random directions v: the forward KL(post || q) and beta KL(q || post)
-    world, sft, log_sft = world_and_sft
-    device, beta = torch.device("cpu"), 0.7
-    log_post = brain.posterior_table(log_sft, world.reward_table, beta)
-    policy = brain.frozen(sft).requires_grad_(True)
-    g = torch.Generator().manual_seed(31)
-    with torch.no_grad():  # away from SFT, so that both gradients are far from zero
-        for p in policy.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    exact = brain.exact_gradients(policy, world, log_post, beta, device)
-    params = [p for p in policy.parameters() if p.requires_grad]
-
-    def kls(shift):
-        with torch.no_grad():
-            for p, s in zip(params, shift, strict=True):
-                p.add_(s)
-            log_q = brain.enumerate_logprobs(policy, world, device)
-            for p, s in zip(params, shift, strict=True):
-                p.sub_(s)
-        forward = brain.kl(log_post, log_q).mean().item()
-        return {"forward": forward, "reverse": beta * brain.kl(log_q, log_post).mean().item()}
-
-    for _ in range(3):  # unit directions, steps of 0.1 each way
-        v = [torch.randn(p.shape, generator=g) for p in params]
-        norm = torch.cat([x.reshape(-1) for x in v]).norm()
-        v = [x / norm for x in v]
-        up, down = kls([0.1 * x for x in v]), kls([-0.1 * x for x in v])
-        for key, grad in exact.items():
-            slope = (up[key] - down[key]) / 0.2
-            dot = (grad @ torch.cat([x.reshape(-1) for x in v])).item()
-            assert slope == pytest.approx(dot, rel=0.01, abs=1e-4), key
-
-
-def test_gradient_errors_match_their_definitions_on_known_draws():
-    # draws g* + b + s z with z standard normal: rel bias ||b|| / ||g*||, rel noise P s^2 / ||g*||^2
-    g = torch.Generator().manual_seed(32)
-    P, K, s = 50, 20000, 0.2
-    exact = torch.randn(P, generator=g, dtype=torch.float64)
-    bias = 0.3 * torch.randn(P, generator=g, dtype=torch.float64)
-    grads = exact + bias + s * torch.randn(K, P, generator=g, dtype=torch.float64)
-    e = brain.gradient_errors(grads, exact)
-    n2 = exact.pow(2).sum().item()
-    assert e["rel_bias"] == pytest.approx(bias.norm().item() / n2**0.5, rel=0.02)
-    assert e["rel_noise"] == pytest.approx(P * s**2 / n2, rel=0.02)
-    assert e["rel_mse"] == pytest.approx(e["rel_bias"] ** 2 + e["rel_noise"], rel=1e-6)
-    mean = exact + bias
-    assert e["cosine"] == pytest.approx(
-        (mean @ exact / mean.norm() / exact.norm()).item(), abs=1e-3
-    )
-    assert e["noise_to_signal"] == pytest.approx(P * s**2 / mean.pow(2).sum().item(), rel=0.02)
-
-
-def test_a_scaled_loss_changes_only_the_raw_variance():
-    # a loss c times as large: every relative figure and the cosine stay, tr Cov grows by c^2
-    g = torch.Generator().manual_seed(33)
-    grads, exact = torch.randn(9, 12, generator=g) + 1.0, torch.randn(12, generator=g) + 1.0
-    e1, e2 = brain.gradient_errors(grads, exact), brain.gradient_errors(0.25 * grads, 0.25 * exact)
-    for k in ("rel_bias", "rel_noise", "rel_mse", "cosine", "noise_to_signal"):
-        assert e2[k] == pytest.approx(e1[k], rel=1e-5), k
-    assert e2["trace_cov"] == pytest.approx(e1["trace_cov"] * 0.25**2, rel=1e-5)
-
-
-def test_dpg_is_unbiased_with_the_exact_log_z_and_biased_without():
-    # the forward KL's exact gradient in the categorical world: -sum_k post_k grad log q(k);
-    # DPG's per-batch gradients over many batches: with log Z known the bias vanishes (up to the
-    # noise of the mean), with Z estimated from n = 2 samples it does not
-    w = categorical(34)
-    target = w["sft"] + w["reward"]
-    post = torch.softmax(target, -1)
-    exact = -sum(post[k] * grad_log_q(w["theta"], torch.tensor(k)) for k in range(K))
-    B, n, batches = 8, 2, 4000
-
-    def grads(log_z):
-        out = []
-        for _ in range(batches):
-            y = draw(w["proposal"], B, n, w["g"])
-            theta = w["theta"].clone().requires_grad_(True)
-            loss = brain.dpg_loss(torch.log_softmax(theta, -1)[y], w["proposal"][y], target[y],
-                                  log_z=log_z)  # fmt: skip
-            out.append(torch.autograd.grad(loss, theta)[0])
-        return torch.stack(out)
-
-    known = brain.gradient_errors(grads(torch.logsumexp(target, -1)), exact)
-    estimated = brain.gradient_errors(grads(None), exact)
-    assert known["rel_bias"] < 0.05 < 0.2 < estimated["rel_bias"]
-    assert known["cosine"] > 0.99
-
-
 def test_compare_picks_each_lr_and_measures_errors_at_the_same_policies():
     variants = ("brain", "gdcpp", "dpo-bt", "brain-on", "rloo")
     out = brain.compare(brain.Config(steps=4, sft_steps=20, device="cpu"), seeds=1,
@@ -2328,25 +2364,6 @@ def test_compare_picks_each_lr_and_measures_errors_at_the_same_policies():
     one = brain.compare(brain.Config(steps=2, sft_steps=20, device="cpu"), seeds=1,
                         variants=("brain",), lrs=(3e-3,), batches=2, show=False)  # fmt: skip
     assert one["tuning"] == [] and one["lr"] == {"brain": 3e-3}  # one lr: no tuning
-
-
-def test_posterior_is_the_reward_kl_frontier(world_and_sft):
-    # Gibbs: the posterior maximises E_q[r] - beta KL(q || SFT) over all q; no q lies above it
-    world, _, log_sft = world_and_sft
-    g = torch.Generator().manual_seed(12)
-    points = []
-    for beta in (0.5, 1.0, 2.0):
-        log_post = brain.posterior_table(log_sft, world.reward_table, beta)
-        points.append(
-            {"beta": beta, **brain.exact_metrics(log_post, log_sft, log_post, world.reward_table)}
-        )
-    assert [p["reward"] for p in points] == sorted([p["reward"] for p in points], reverse=True)
-    for p in points:
-        best = p["reward"] - p["beta"] * p["kl_policy_sft"]
-        for _ in range(5):
-            log_q = torch.log_softmax(log_sft + torch.randn(log_sft.shape, generator=g), -1)
-            r_q = (log_q.exp() * world.reward_table).sum(-1).mean().item()
-            assert r_q - p["beta"] * brain.kl(log_q, log_sft).mean().item() < best
 
 
 # ------------------------------------------------------------------------------------------
