@@ -1600,9 +1600,9 @@ class ModelRun:
         eos = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
         self.task = TextTask(self.train_rows, tok, rm, cfg.max_new_tokens, eos, device)
         self.eval_task = TextTask(self.eval_rows, tok, rm, cfg.max_new_tokens, eos, device)
-        if not cfg.micro_batch and device.type == "cpu":  # (ours) at most ~2^26 logits a pass
+        if not cfg.micro_batch and device.type == "cpu":  # (ours) at most ~2^25 logits a pass
             length = self.task.prompt_ids.shape[1] + cfg.max_new_tokens
-            fits = max(1, 2**26 // (length * len(tok) * cfg.n_samples)) * cfg.n_samples
+            fits = max(1, 2**25 // (length * len(tok) * cfg.n_samples)) * cfg.n_samples
             fits = 0 if fits >= cfg.prompts_per_step * cfg.n_samples else fits  # 0: all at once
             self.cfg = replace(cfg, micro_batch=fits)
         self.sft, self.tokenizer = frozen(sft.to(device)), tok  # frozen() copies: sft is free
