@@ -885,6 +885,11 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), lrs=LR_GRID, tune_seeds=1, c
     total = (tune_seeds * len(lrs) if tuned else 0) * len(variants) + seeds * len(variants)
     bar = progress(range(total), "compare: runs")
     tune_from = range(cfg.seed + 1000, cfg.seed + 1000 + tune_seeds)
+    if bar.disable and tuned:  # no terminal (a log file): plain lines instead of the bar
+        print(
+            f"compare: {total - seeds * len(variants)} tuning runs, then {seeds * len(variants)}",
+            flush=True,
+        )
     lr_of, tuning = pick_lrs(cfg, variants, lrs, tune_from, device, bar) if tuned else (
         dict.fromkeys(variants, lrs[0]), [])  # fmt: skip
     for seed in range(cfg.seed, cfg.seed + seeds):
@@ -924,6 +929,9 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), lrs=LR_GRID, tune_seeds=1, c
             record["final"] = {k: x for k, x in record["curve"][-1].items() if k != "step"}
             runs.append(record)
             bar.update()
+            if bar.disable:
+                own = record["final"][OWN_KL[OBJECTIVE[v]]]
+                print(f"compare: seed {seed}, {v} at lr {lr_of[v]:g}: own KL {own:.3f}", flush=True)
     bar.close()
     result = {"config": asdict(cfg), "seeds": seeds, "variants": list(variants), "runs": runs,
               "lrs": list(lrs), "lr": lr_of, "tuning": tuning, "device": str(device),
@@ -935,6 +943,8 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), lrs=LR_GRID, tune_seeds=1, c
 
 def mean_std(xs, spec=".3f"):  # mean +- sample std (ddof = 1) over seeds
     xs = np.array(xs, dtype=float)
+    if not np.isfinite(xs).all():  # noise/signal: no signal above the noise in some seed
+        return f"inf in {(~np.isfinite(xs)).sum()} of {len(xs)}"
     return f"{xs.mean():{spec}} +- {xs.std(ddof=1) if len(xs) > 1 else 0.0:{spec}}"
 
 
@@ -981,14 +991,25 @@ def print_comparison(result):
         )
         head = ["step", "estimator", "objective", "rel bias", "rel noise", "rel MSE", "cosine"]
         print_table([*head, "noise/signal", "raw tr Cov"], rows)
+        late = [i for i, a in enumerate(points[0]) if a["step"] >= cfg["steps"] / 2]
+        ratio = lambda u: [math.exp(np.mean([math.log(p[i]["estimators"][u]["rel_mse"]  # noqa: E731
+                                    / p[i]["estimators"][group[0]]["rel_mse"]) for i in late]))
+                           for p in points]  # fmt: skip
+        others = [u for u in group[1:] if VARIANTS[u][0] != "dpo"]  # DPO: no objective here
+        print(
+            f"rel MSE over {group[0]}'s at steps {points[0][late[0]]['step']}-{cfg['steps']} "
+            "(per seed, the geometric mean over those steps): "
+            + ", ".join(f"{u} {mean_std(ratio(u), '.1f')}x" for u in others)
+        )
         on_gap, off_gap = ([a["brain_vs_gdcpp"][k] for p in points for a in p]
                            for k in ("on_policy", "off_policy_sft"))  # fmt: skip
         print(
             f"BRAIn-GDC++ gap ||g_BRAIn - g_GDC++|| / ||g_BRAIn||, one batch: on-policy at most "
             f"{max(on_gap):.1e}, off-policy (q' = SFT) {min(off_gap):.2f}-{max(off_gap):.2f}"
         )
-    print("rel bias: ||E g - g*|| / ||g*||; rel noise: tr Cov(g) / ||g*||^2 (one batch); rel MSE: "
-          "their sum;\nnoise/signal: tr Cov(g) / ||E g||^2; raw tr Cov: in the loss's own units. "
+    print("rel bias: ||E g - g*|| / ||g*||; rel noise: tr Cov(g) / ||g*||^2 (one batch);\n"
+          "rel MSE: rel bias^2 + rel noise; noise/signal: tr Cov(g) / ||E g||^2 "
+          "(inf: no signal above the noise); raw tr Cov: in the loss's own units;\n"
           "g*: the exact gradient of KL(posterior || q) (forward) or of beta KL(q || posterior) "
           "(reverse, RLOO's);\nDPO has no enumerable objective here: only its cosine with the "
           "forward KL's gradient and its noise/signal mean something.")  # fmt: skip

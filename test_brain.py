@@ -2333,7 +2333,7 @@ def test_methods_see_identical_sample_streams(world_and_sft):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
-def test_compare_picks_each_lr_and_measures_errors_at_the_same_policies():
+def test_compare_picks_each_lr_and_measures_errors_at_the_same_policies(capsys):
     variants = ("brain", "gdcpp", "dpo-bt", "brain-on", "rloo")
     out = brain.compare(brain.Config(steps=4, sft_steps=20, device="cpu"), seeds=1,
                         variants=variants, lrs=(1e-3, 1e-2), curve_every=2, error_every=2,
@@ -2361,6 +2361,11 @@ def test_compare_picks_each_lr_and_measures_errors_at_the_same_policies():
     assert runs["sft"]["final"]["kl_posterior_policy"] == pytest.approx(
         runs["brain"]["curve"][0]["kl_posterior_policy"]
     )
+    brain.print_comparison(out)  # its verdict line: rel MSE over BRAIn's, steps >= steps / 2
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("rel MSE over brain's")]
+    mse = [{u: e["rel_mse"] for u, e in p["estimators"].items()} for p in runs["brain"]["errors"]]
+    want = (mse[1]["gdcpp"] / mse[1]["brain"] * mse[2]["gdcpp"] / mse[2]["brain"]) ** 0.5
+    assert len(line) == 1 and line[0].endswith(f"gdcpp {want:.1f} +- 0.0x")  # DPO: none
     one = brain.compare(brain.Config(steps=2, sft_steps=20, device="cpu"), seeds=1,
                         variants=("brain",), lrs=(3e-3,), batches=2, show=False)  # fmt: skip
     assert one["tuning"] == [] and one["lr"] == {"brain": 3e-3}  # one lr: no tuning
