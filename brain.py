@@ -887,7 +887,8 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), lrs=LR_GRID, tune_seeds=1, c
     tune_from = range(cfg.seed + 1000, cfg.seed + 1000 + tune_seeds)
     if bar.disable and tuned:  # no terminal (a log file): plain lines instead of the bar
         print(
-            f"compare: {total - seeds * len(variants)} tuning runs, then {seeds * len(variants)}",
+            f"compare: {total - seeds * len(variants)} tuning runs, "
+            f"then {seeds * len(variants)} reported",
             flush=True,
         )
     lr_of, tuning = pick_lrs(cfg, variants, lrs, tune_from, device, bar) if tuned else (
