@@ -882,15 +882,12 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), lrs=LR_GRID, tune_seeds=1, c
         raise ValueError(f"compare needs {need}; got {unknown}, {seeds}, {batches}, {lrs}")
     device, runs = pick_device(cfg.device), []
     tuned = len(lrs) > 1
-    total = (tune_seeds * len(lrs) if tuned else 0) * len(variants) + seeds * len(variants)
-    bar = progress(range(total), "compare: runs")
+    tuning_runs = tune_seeds * len(lrs) * len(variants) if tuned else 0
+    reported = seeds * len(variants)
+    bar = progress(range(tuning_runs + reported), "compare: runs")
     tune_from = range(cfg.seed + 1000, cfg.seed + 1000 + tune_seeds)
     if bar.disable and tuned:  # no terminal (a log file): plain lines instead of the bar
-        print(
-            f"compare: {total - seeds * len(variants)} tuning runs, "
-            f"then {seeds * len(variants)} reported",
-            flush=True,
-        )
+        print(f"compare: {tuning_runs} tuning runs, then {reported} reported", flush=True)
     lr_of, tuning = pick_lrs(cfg, variants, lrs, tune_from, device, bar) if tuned else (
         dict.fromkeys(variants, lrs[0]), [])  # fmt: skip
     for seed in range(cfg.seed, cfg.seed + seeds):
