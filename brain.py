@@ -305,7 +305,7 @@ def sample_completions(
         if t + 1 == max_new_tokens or (t % 8 == 7 and not alive.any()):  # a sync every 8 tokens
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
-        step_inputs = dict(attention_mask=attn, position_ids=next_pos, cache=out.cache)
+        step_inputs = dict(attention_mask=attn, position_ids=next_pos, cache=out.cache)  # KV cache
         out = model(input_ids=tok[:, None], **step_inputs, use_cache=True)
         next_pos = next_pos + 1
     return tokens, masks, logp_sum
@@ -426,7 +426,7 @@ def train(cfg, sft, task, policy=None, state=None, on_step=None):
     share = slice(rank * B, (rank + 1) * B)
     per_pass = max(1, cfg.micro_batch // n) if cfg.micro_batch else B  # prompts per micro-batch
     for step in (bar := progress(range(start, cfg.steps), "train", initial=start, total=cfg.steps)):
-        if K > 1 and step % K == 0:  # (ours) q' := a copy of the policy (K = 0, 1: setup's q')
+        if K > 1 and step % K == 0:  # (ours) q' := a copy of the policy (K = 0: SFT, K = 1: policy)
             proposal.load_state_dict(policy.state_dict())
         opt.zero_grad(set_to_none=True)  # (before sampling: the last step's gradients are freed)
         batch = sample_and_score(cfg, proposal, sft, task, stream, share)  # log q', log p_sft, r
@@ -440,7 +440,7 @@ def train(cfg, sft, task, policy=None, state=None, on_step=None):
             check_finite(step, logp, part, cfg.beta)
             part_loss = method_loss(cfg.method, logp, part.proposal_logp, part.sft_logp,
                                     part.reward, cfg.beta, cfg.dpo_labels, part.coin)  # fmt: skip
-            (part_loss * len(logp) / B).backward()  # the loss is a mean over the B prompts
+            (part_loss * len(logp) / B).backward()  # parts weighted by size: a mean over B prompts
             loss, policy_logp = loss + part_loss.detach() * len(logp) / B, [*policy_logp, logp]
         opt.step()
         policy_logp = torch.cat(policy_logp).detach()  # (B, n), for the bar and on_step
@@ -1576,6 +1576,7 @@ class ModelRun:
         self.new_folder = None if cfg.output_dir else self.name_new_folder(cfg.method)
         cfg = replace(cfg, output_dir=cfg.output_dir or self.new_folder)  # a run always has one
         self.cfg, self.folder, self.state, self.resume_from = cfg, None, None, None
+        self.sft_rewards = {}  # evaluate's: the SFT model's samples are the same at every call
         if cfg.output_dir:  # rank 0 opens (and locks) the folder; the others read it after
             folder = lambda write: RunFolder(cfg.output_dir, self.keys, cfg.resume, write)  # noqa: E731
             self.folder = folder(True) if self.rank == 0 else None
@@ -1672,21 +1673,25 @@ class ModelRun:
         eos, pad = task.eos_id, task.pad_id
         with autocast(self.device):
             y, ym, policy_logp = sample_completions(policy, x, xm, T, eos, pad, u_policy)
-            y0, ym0, _ = sample_completions(sft, x, xm, T, eos, pad, u_sft)
             sft_logp = sequence_logprobs(sft, *join(x, xm, y, ym), eos)
             if self.device.type == "cuda":  # under bf16 the sampler's cached pass differs a little
                 policy_logp = sequence_logprobs(policy, *join(x, xm, y, ym), eos)
+        if (prompts.start, prompts.stop) not in self.sft_rewards:  # (ours) drawn once a run
+            with autocast(self.device):
+                y0, ym0, _ = sample_completions(sft, x, xm, T, eos, pad, u_sft)
+            self.sft_rewards[prompts.start, prompts.stop] = task.reward(x, xm, y0, ym0)
         first = slice(0, max(0, 4 - prompts.start) * k, k)  # the first sample of 4 prompts
         texts = task.texts(x[first], xm[first], y[first], ym[first]) if prompts.start < 4 else []
-        rewards = task.reward(x, xm, y, ym), task.reward(x, xm, y0, ym0)
+        rewards = task.reward(x, xm, y, ym), self.sft_rewards[prompts.start, prompts.stop]
         return (policy_logp - sft_logp).double(), *rewards, texts
 
     @torch.no_grad()
     def evaluate(self, policy):
-        """Held-out prompts, --eval-samples completions each from the policy and the SFT model:
-        mean rewards, win rates judged by the reward model (ties count half), and a Monte Carlo
-        (MC) estimate of KL(policy || SFT) = E_policy[log q(y|x) - log p(y|x)], with its error. In
-        batches of --micro-batch samples (or a step's): memory does not grow with the prompts."""
+        """Held-out prompts, --eval-samples completions each from the policy and the SFT model (the
+        SFT model's drawn at the first call: they are the same at every one): mean rewards, win
+        rates judged by the reward model (ties count half), and a Monte Carlo (MC) estimate of
+        KL(policy || SFT) = E_policy[log q(y|x) - log p(y|x)], with its error. In batches of
+        --micro-batch samples (or a step's): memory does not grow with the prompts."""
         cfg, device, task, rows = self.cfg, self.device, self.eval_task, self.eval_rows
         k, size = cfg.eval_samples, cfg.micro_batch or cfg.prompts_per_step * cfg.n_samples
         n = max(1, size // k)  # prompts a batch

@@ -1743,6 +1743,39 @@ def test_evaluation_is_batched_and_the_same_however_it_is_batched(tiny_models, t
         assert batched[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
 
 
+def test_the_sft_side_of_the_evaluation_is_drawn_once_a_run(tiny_models, tmp_path):
+    """The SFT model's samples and rewards do not change within a run: a second evaluation samples
+    the policy only, and reports what a fresh run's evaluation of the same policy draws anew."""
+    argv = tiny_argv(tiny_models, tmp_path / "a", "--eval-samples", "2")
+    run = brain.ModelRun(brain.parse_args(argv))
+    run.load()
+    run.evaluate(run.model)
+    with torch.no_grad():  # another policy, so that only the SFT side could be carried over
+        for p in run.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sizes, real = [], brain.sample_completions
+
+    def counted(model, x, *args):
+        sizes.append(model is run.sft)
+        return real(model, x, *args)
+
+    brain.sample_completions = counted
+    try:
+        second = run.evaluate(run.model)
+    finally:
+        brain.sample_completions = real
+    assert sizes == [False]  # one batch: the policy's samples only
+    fresh = brain.ModelRun(
+        brain.parse_args(tiny_argv(tiny_models, tmp_path / "b", "--eval-samples", "2"))
+    )
+    fresh.load()
+    fresh.model.load_state_dict(run.model.state_dict())
+    anew = fresh.evaluate(fresh.model)
+    for key in ("reward_policy", "reward_sft", "win_rate_vs_sft", "kl_policy_sft_mc"):
+        assert second[key] == anew[key], key
+    assert second["reward_policy"] != pytest.approx(second["reward_sft"])  # not the same samples
+
+
 def test_json_on_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
