@@ -58,8 +58,9 @@ REVIEWS = [
     ("Crimson Meadow", "In the end, the film"),
 ]
 PROMPTS = [f"Review of the film '{title}': {start}" for title, start in REVIEWS]
-# the laptop recipe (README, "Real models"): about 5 minutes on a 2-core CPU. real_model.ipynb has
-# its budget, for 8 steps (12 runs in 30 minutes); brain.py names a run folder
+# the laptop recipe (README, "Real models"): about 5 minutes on a 2-core CPU; brain.py names a run
+# folder. real_model.ipynb shares its B, n, tokens, beta and evaluation samples, but runs 8 steps
+# (12 runs in 30 minutes), evaluates every 4 and takes each method's lr from a grid
 RECIPE = "--prompts-per-step 4 --n-samples 4 --max-new-tokens 16 --lr 1e-4 --beta 0.1 --steps 20"
 RECIPE += " --eval-every 5 --eval-samples 8"
 
