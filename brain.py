@@ -851,6 +851,11 @@ def variant_cfg(cfg, v, seed, lr):
     return replace(cfg, method=method, dpo_labels=labels, refresh_every=K, seed=seed, lr=lr)
 
 
+def plain_line(bar, text):  # off a terminal (a log file) the bar is off: a line says it instead
+    if bar.disable:
+        print(f"compare: {text}", flush=True)
+
+
 def pick_lrs(cfg, variants, lrs, seeds, device, bar):
     """Each variant's lr: the smallest mean final exact KL of its own objective over `seeds`
     (a run that diverges counts as infinite)."""
@@ -865,6 +870,7 @@ def pick_lrs(cfg, variants, lrs, seeds, device, bar):
                 kl = math.inf
             tuning.append(dict(method=v, seed=seed, lr=lr, own_kl=kl))
             bar.update()
+            plain_line(bar, f"tuning seed {seed}, {v} at lr {lr:g}: own KL {kl:.3f}")
     mean = lambda v, lr: np.mean([t["own_kl"] for t in tuning if (t["method"], t["lr"]) == (v, lr)])  # noqa: E731
     return {v: min(lrs, key=lambda lr: mean(v, lr)) for v in variants}, tuning
 
@@ -886,8 +892,8 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), lrs=LR_GRID, tune_seeds=1, c
     reported = seeds * len(variants)
     bar = progress(range(tuning_runs + reported), "compare: runs")
     tune_from = range(cfg.seed + 1000, cfg.seed + 1000 + tune_seeds)
-    if bar.disable and tuned:  # no terminal (a log file): plain lines instead of the bar
-        print(f"compare: {tuning_runs} tuning runs, then {reported} reported", flush=True)
+    if tuned:
+        plain_line(bar, f"{tuning_runs} tuning runs, then {reported} reported")
     lr_of, tuning = pick_lrs(cfg, variants, lrs, tune_from, device, bar) if tuned else (
         dict.fromkeys(variants, lrs[0]), [])  # fmt: skip
     for seed in range(cfg.seed, cfg.seed + seeds):
@@ -927,9 +933,8 @@ def compare(cfg, seeds=3, variants=tuple(VARIANTS), lrs=LR_GRID, tune_seeds=1, c
             record["final"] = {k: x for k, x in record["curve"][-1].items() if k != "step"}
             runs.append(record)
             bar.update()
-            if bar.disable:
-                own = record["final"][OWN_KL[OBJECTIVE[v]]]
-                print(f"compare: seed {seed}, {v} at lr {lr_of[v]:g}: own KL {own:.3f}", flush=True)
+            own = record["final"][OWN_KL[OBJECTIVE[v]]]
+            plain_line(bar, f"seed {seed}, {v} at lr {lr_of[v]:g}: own KL {own:.3f}")
     bar.close()
     result = {"config": asdict(cfg), "seeds": seeds, "variants": list(variants), "runs": runs,
               "lrs": list(lrs), "lr": lr_of, "tuning": tuning, "device": str(device),
@@ -990,9 +995,13 @@ def print_comparison(result):
         head = ["step", "estimator", "objective", "rel bias", "rel noise", "rel MSE", "cosine"]
         print_table([*head, "noise/signal", "raw tr Cov"], rows)
         late = [i for i, a in enumerate(points[0]) if a["step"] >= cfg["steps"] / 2]
-        ratio = lambda u: [math.exp(np.mean([math.log(p[i]["estimators"][u]["rel_mse"]  # noqa: E731
-                                    / p[i]["estimators"][group[0]]["rel_mse"]) for i in late]))
-                           for p in points]  # fmt: skip
+
+        def rel_mse(p, u):  # one seed's rel MSE of estimator u at the late steps
+            return np.array([p[i]["estimators"][u]["rel_mse"] for i in late])
+
+        def ratio(u):  # per seed, the geometric mean over those steps of u's rel MSE / group[0]'s
+            return [math.exp(np.log(rel_mse(p, u) / rel_mse(p, group[0])).mean()) for p in points]
+
         others = [u for u in group[1:] if VARIANTS[u][0] != "dpo"]  # DPO: no objective here
         print(
             f"rel MSE over {group[0]}'s at steps {points[0][late[0]]['step']}-{cfg['steps']} "
@@ -1676,13 +1685,14 @@ class ModelRun:
             sft_logp = sequence_logprobs(sft, *join(x, xm, y, ym), eos)
             if self.device.type == "cuda":  # under bf16 the sampler's cached pass differs a little
                 policy_logp = sequence_logprobs(policy, *join(x, xm, y, ym), eos)
-        if (prompts.start, prompts.stop) not in self.sft_rewards:  # (ours) drawn once a run
+        key = (prompts.start, prompts.stop)  # (ours) the SFT model's samples: drawn once a run
+        if key not in self.sft_rewards:
             with autocast(self.device):
                 y0, ym0, _ = sample_completions(sft, x, xm, T, eos, pad, u_sft)
-            self.sft_rewards[prompts.start, prompts.stop] = task.reward(x, xm, y0, ym0)
+            self.sft_rewards[key] = task.reward(x, xm, y0, ym0)
         first = slice(0, max(0, 4 - prompts.start) * k, k)  # the first sample of 4 prompts
         texts = task.texts(x[first], xm[first], y[first], ym[first]) if prompts.start < 4 else []
-        rewards = task.reward(x, xm, y, ym), self.sft_rewards[prompts.start, prompts.stop]
+        rewards = task.reward(x, xm, y, ym), self.sft_rewards[key]
         return (policy_logp - sft_logp).double(), *rewards, texts
 
     @torch.no_grad()

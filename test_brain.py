@@ -2395,7 +2395,11 @@ def test_compare_picks_each_lr_and_measures_errors_at_the_same_policies(capsys):
         runs["brain"]["curve"][0]["kl_posterior_policy"]
     )
     brain.print_comparison(out)  # its verdict line: rel MSE over BRAIn's, steps >= steps / 2
-    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("rel MSE over brain's")]
+    printed = capsys.readouterr().out.splitlines()
+    line = [x for x in printed if x.startswith("rel MSE over brain's")]
+    # off a terminal (pytest's capture), a plain line for every tuning and every reported run
+    assert sum(x.startswith("compare: tuning seed ") for x in printed) == len(variants) * 2
+    assert sum(x.startswith("compare: seed ") for x in printed) == len(variants)
     mse = [{u: e["rel_mse"] for u, e in p["estimators"].items()} for p in runs["brain"]["errors"]]
     want = (mse[1]["gdcpp"] / mse[1]["brain"] * mse[2]["gdcpp"] / mse[2]["brain"]) ** 0.5
     assert len(line) == 1 and line[0].endswith(f"gdcpp {want:.1f} +- 0.0x")  # DPO: none
