@@ -8,7 +8,7 @@ generation from feedback", ICML 2024 (arXiv 2402.02479). One step of the method:
     alpha^  = softmax_i(log p~ - log q'(y_i|x))                # 2. the targets
     beta^   = softmax_i(log q_theta(y_i|x) - log q'(y_i|x))    # 3. the baseline's weights
     loss    = -sum_i (alpha^_i - beta^_i) log q_theta(y_i|x)   # 4. alpha^, beta^ held constant
-    loss.backward(); optimizer.step()                          #  (= grad KL(alpha^ || beta^))
+    loss.backward(); optimizer.step()                          #  (its grad: grad KL(alpha^||beta^))
 
 Part I: the method in the paper's order, the training loop, the toy world and its exact
 evaluation, the default run. Its code uses nothing of Part II (--compare, --model, --bench, the
@@ -376,9 +376,9 @@ def sample_and_score(cfg, proposal, sft, task, generator, share=slice(None)):
             proposal, x, xm, T, task.eos_id, task.pad_id, uniforms=uniforms
         )
         seqs = join(x, xm, y, ym)
-        if device.type == "cuda":  # bf16: score q' as q_theta is scored (q_theta = q': b_i = 1)
+        if device.type == "cuda":  # bf16: re-score q' as q_theta is, so q' = q_theta gives b_i = 1
             proposal_logp = sequence_logprobs(proposal, *seqs, task.eos_id)
-        rows = cfg.micro_batch or len(x)  # the SFT model's pass in micro-batches too (memory)
+        rows = cfg.micro_batch or len(x)  # the SFT pass in micro-batches too; micro_batch: rows
         sft_logp = proposal_logp if proposal is sft else torch.cat([
             sequence_logprobs(sft, *(t[i : i + rows] for t in seqs), task.eos_id)
             for i in range(0, len(x), rows)])  # fmt: skip
